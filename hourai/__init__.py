@@ -1,0 +1,3 @@
+"""hourai: a single-host serverless runtime built on pre-forked snapshot workers."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,1 @@
+"""hourai's benchmark suite: `python -m bench [PART ...] [--quick] [--out DIR]`."""

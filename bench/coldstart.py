@@ -1,0 +1,159 @@
+"""Start paths end to end over HTTP, side by side with a fresh interpreter per request.
+
+For each path the client sends one request and times it to the last byte of the answer:
+
+- inline: answered by hourai's ingress itself (no worker) — the floor under ``warm``;
+- warm:   an idle worker that served before takes it;
+- spare:  a pre-forked, never-used worker takes it (a replacement is forked off the path);
+- fork:   the snapshot forks a worker for it;
+- cold:   no snapshot: the root zygote forks, the child imports the function, forks a worker;
+- python: baseline, a fresh ``python`` process imports the same function and calls it once.
+
+Each response's ``X-Hourai-Start`` header is checked, so a sample is only counted for the
+path it really took.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from bench.common import BenchContext, summarize, table
+from bench.httpclient import Client
+
+REPO = Path(__file__).resolve().parents[1]
+HELLO = REPO / "examples" / "hello" / "handler.py"
+
+# Goals from DESIGN.md, reported against (never asserted: the machine is shared and noisy).
+GOALS = {"warm_added_p50_ms": 0.150, "spare_p50_ms": 0.5, "fork_p50_ms": 2.0, "fork_p99_ms": 5.0}
+
+
+class BenchServer:
+    """`python -m bench.server` as a child; stopped by closing its stdin, then by pid."""
+
+    def __init__(self, target: Path, *args: str) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "bench.server", str(target), *args],
+            cwd=REPO,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+        )
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        if not line.startswith("READY"):
+            self.stop()
+            raise RuntimeError(f"bench server did not start: {line!r}")
+        self.port = int(line.split()[1])
+        self.client = Client(self.port)
+
+    def sample(self, path: str, expect: str | None) -> float:
+        status, headers, _body, ms = self.client.get(path)
+        if status != 200:
+            raise RuntimeError(f"{path}: HTTP {status}")
+        if expect is not None and headers.get("x-hourai-start") != expect:
+            raise RuntimeError(f"{path}: took {headers.get('x-hourai-start')}, wanted {expect}")
+        return ms
+
+    def stop(self) -> None:
+        self.client.close()
+        if self.proc.stdin is not None:
+            self.proc.stdin.close()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def _settle() -> None:
+    # Let the previous request's follow-up work (reaping, spare refill) finish so that each
+    # sample measures its path alone, not queued behind a fork.
+    time.sleep(0.03)
+
+
+def measure_paths(target: Path, n: int) -> dict[str, list[float]]:
+    samples: dict[str, list[float]] = {}
+    warm = BenchServer(target, "--spares", "0")
+    try:
+        warm.sample("/", None)  # the first request forks the worker that then stays warm
+        for path, key, expect in (("/__inline", "inline", None), ("/", "warm", "warm")):
+            for _ in range(max(20, n // 10)):  # warm-up
+                warm.sample(path, expect)
+            samples[key] = [warm.sample(path, expect) for _ in range(n * 5)]
+    finally:
+        warm.stop()
+    spare = BenchServer(target, "--spares", "1", "--keep-alive", "0")
+    try:
+        samples["spare"] = []
+        for _ in range(n):
+            _settle()
+            samples["spare"].append(spare.sample("/", "spare"))
+    finally:
+        spare.stop()
+    fork = BenchServer(target, "--spares", "0", "--keep-alive", "0")
+    try:
+        samples["fork"] = []
+        for _ in range(n):
+            _settle()
+            samples["fork"].append(fork.sample("/", "fork"))
+        samples["cold"] = []
+        for _ in range(max(3, n // 5)):
+            _settle()
+            samples["cold"].append(fork.sample("/__cold", "cold"))
+    finally:
+        fork.stop()
+    return samples
+
+
+def fresh_python(target: Path, n: int) -> list[float]:
+    """A new interpreter per request: start, import the function, call it, print, exit."""
+    code = (
+        "import sys, json, types; sys.path.insert(0, sys.argv[1]); import importlib; "
+        "m = importlib.import_module(sys.argv[2]); "
+        "ctx = types.SimpleNamespace(aws_request_id='1'); "
+        "print(json.dumps(m.handler({'rawPath': '/', 'headers': {}}, ctx)))"
+    )
+    out = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        subprocess.run(
+            [sys.executable, "-c", code, str(target.parent), target.stem],
+            check=True,
+            capture_output=True,
+        )
+        out.append((time.perf_counter() - t0) * 1000)
+    return out
+
+
+def run(ctx: BenchContext) -> dict:
+    n = 10 if ctx.quick else 200
+    samples = measure_paths(HELLO, n)
+    samples["python"] = fresh_python(HELLO, max(3, n // 10))
+    stats = {k: summarize(v) for k, v in samples.items()}
+    python_p50 = stats["python"]["p50_ms"]
+    added = stats["warm"]["p50_ms"] - stats["inline"]["p50_ms"]
+    rows = [
+        [k, s["n"], s["p50_ms"], s["p99_ms"], python_p50 / s["p50_ms"]] for k, s in stats.items()
+    ]
+    print(table(["path", "n", "p50 ms", "p99 ms", "x faster than fresh python (p50)"], rows))
+    goals = {
+        "warm_added_p50_ms": added,
+        "spare_p50_ms": stats["spare"]["p50_ms"],
+        "fork_p50_ms": stats["fork"]["p50_ms"],
+        "fork_p99_ms": stats["fork"]["p99_ms"],
+    }
+    verdicts = {
+        k: {"measured": v, "goal": GOALS[k], "met": v <= GOALS[k]} for k, v in goals.items()
+    }
+    print(f"\nwarm added latency p50 (warm - inline): {added * 1000:.0f} µs")
+    for k, v in verdicts.items():
+        met = "met" if v["met"] else "NOT met"
+        print(f"goal {k}: {v['measured']:.3f} ms vs <= {v['goal']} ms: {met}")
+    result = {"function": str(HELLO.relative_to(REPO)), "paths": stats, "goals": verdicts}
+    ctx.path("coldstart.json").write_text(json.dumps({**result, "samples_ms": samples}) + "\n")
+    return result

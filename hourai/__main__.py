@@ -1,0 +1,3 @@
+from hourai.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,281 @@
+"""The `hourai` command."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+from pathlib import Path
+
+from hourai import __version__
+
+log = logging.getLogger("hourai")
+
+
+class UsageError(Exception):
+    """A mistake the user can fix; printed as one line, exit status 2."""
+
+
+def parse_env_pairs(pairs: list[str]) -> dict[str, str]:
+    env: dict[str, str] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise UsageError(f"--env takes KEY=VALUE, got {pair!r}")
+        env[key] = value
+    return env
+
+
+def read_env_file(path: str) -> dict[str, str]:
+    """dotenv-style: KEY=VALUE lines, # comments, optional quotes around the value."""
+    env: dict[str, str] = {}
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise UsageError(f"cannot read env file {path}: {exc.strerror}") from None
+    for lineno, raw in enumerate(text.splitlines(), 1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        line = line.removeprefix("export ")
+        key, sep, value = line.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise UsageError(f"{path}:{lineno}: expected KEY=VALUE")
+        value = value.strip()
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "\"'":
+            value = value[1:-1]
+        env[key] = value
+    return env
+
+
+def setup_logging(verbose: bool = False) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+# ---------------------------------------------------------------------- hourai run
+
+
+def add_run_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser(
+        "run",
+        help="serve one function on localhost",
+        description="Serve one function at http://HOST:PORT/ from snapshot workers.",
+    )
+    p.add_argument(
+        "target",
+        metavar="PATH[:ATTR]",
+        help="a .py file or directory, with :ATTR or Lambda-style file.function",
+    )
+    p.add_argument("--kind", choices=["handler", "asgi", "wsgi"], help="default: detected")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8080, help="port (default 8080; 0 picks a free one)")
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=30.0,
+        help="seconds an invocation may run before its worker is killed (default 30)",
+    )
+    p.add_argument(
+        "--env",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="environment variable for the function (repeatable)",
+    )
+    p.add_argument(
+        "--env-file",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="KEY=VALUE lines for the function's environment",
+    )
+    p.add_argument(
+        "--preload",
+        action="append",
+        default=[],
+        metavar="MOD",
+        help="module the root zygote imports once, e.g. flask (repeatable)",
+    )
+    p.add_argument(
+        "--keep-alive",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
+        help="how long an idle worker lives (default 60)",
+    )
+    p.add_argument(
+        "--spares",
+        type=int,
+        default=1,
+        metavar="N",
+        help="pre-forked idle workers kept while the snapshot lives (default 1; 0: none)",
+    )
+    p.add_argument(
+        "--max-workers", type=int, default=8, metavar="N", help="most workers at once (default 8)"
+    )
+    p.add_argument(
+        "--reload",
+        action="store_true",
+        help="rebuild on file change; a broken edit keeps the old version serving",
+    )
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    p.set_defaults(func=cmd_run)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from hourai.isolate.loader import TargetError, resolve_target
+    from hourai.registry import FunctionSpec, code_version
+    from hourai.scheduler.core import FunctionLimits
+
+    setup_logging(args.verbose)
+    if args.spares < 0 or args.max_workers < 1 or args.timeout <= 0 or args.keep_alive < 0:
+        raise UsageError(
+            "--spares must be >= 0, --max-workers >= 1, --timeout and --keep-alive > 0"
+        )
+    try:
+        target = resolve_target(args.target)
+    except TargetError as exc:
+        raise UsageError(str(exc)) from None
+    env: dict[str, str] = {}
+    for path in args.env_file:
+        env.update(read_env_file(path))
+    env.update(parse_env_pairs(args.env))
+    limits = FunctionLimits(
+        timeout=args.timeout,
+        keep_alive=args.keep_alive,
+        spares=args.spares,
+        max_workers=args.max_workers,
+    )
+    name = "fn"
+
+    def make_spec() -> FunctionSpec:
+        return FunctionSpec(
+            name=name,
+            target=target,
+            version=code_version(target),
+            kind=args.kind,
+            env=env,
+            limits=limits,
+        )
+
+    return run_async(serve_one(args, make_spec))
+
+
+async def serve_one(args: argparse.Namespace, make_spec) -> int:  # type: ignore[no-untyped-def]
+    from hourai.daemon import DeployError, Router, Runtime, RuntimeSettings, http_handler
+    from hourai.ingress import serve
+
+    runtime = Runtime(RuntimeSettings(preloads=args.preload))
+    spec = make_spec()
+    try:
+        server = await serve(
+            http_handler(runtime, Router(runtime.functions, single=spec.name)), args.host, args.port
+        )
+    except OSError as exc:
+        raise UsageError(
+            f"cannot listen on {args.host}:{args.port}: {exc.strerror}"
+            " (is another server there? pick another with --port)"
+        ) from None
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await runtime.start()
+        try:
+            info = await runtime.deploy(spec)
+        except DeployError as exc:
+            print(f"hourai: error: {exc}", file=sys.stderr)
+            return 1
+        host, port = server.sockets[0].getsockname()[:2]
+        print(
+            f"hourai: {spec.target.source}: serving {info['kind']} {info['attr']!r} "
+            f"at http://{host}:{port}/ (snapshot built in {info['init_ms']:.0f} ms)",
+            file=sys.stderr,
+            flush=True,
+        )
+        watcher = None
+        if args.reload:
+            watcher = loop.create_task(_reload_loop(runtime, make_spec, spec.version))
+        await stop.wait()
+        if watcher is not None:
+            watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watcher
+        return 0
+    finally:
+        server.close()
+        await runtime.stop()
+
+
+async def _reload_loop(runtime, make_spec, version: str) -> None:  # type: ignore[no-untyped-def]
+    """Poll the code tree; a new version is built beside the old one and only then switched."""
+    from hourai.daemon import DeployError
+
+    while True:
+        await asyncio.sleep(0.5)
+        try:
+            spec = make_spec()
+        except OSError:
+            continue
+        if spec.version == version:
+            continue
+        version = spec.version
+        print("hourai: change detected, building the new version...", file=sys.stderr, flush=True)
+        try:
+            await runtime.deploy(spec)
+        except DeployError as exc:
+            print(
+                f"hourai: reload refused, the previous version keeps serving: {exc}",
+                file=sys.stderr,
+                flush=True,
+            )
+        else:
+            print(f"hourai: now serving version {version}", file=sys.stderr, flush=True)
+
+
+def run_async(coro) -> int:  # type: ignore[no-untyped-def]
+    try:
+        import uvloop
+
+        return uvloop.run(coro)
+    except ImportError:  # pragma: no cover
+        return asyncio.run(coro)
+
+
+# ---------------------------------------------------------------------- entry point
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hourai", description="Dense serverless runtime.")
+    parser.add_argument("--version", action="version", version=f"hourai {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    add_run_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return args.func(args)
+    except UsageError as exc:
+        print(f"hourai: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,571 @@
+"""The composition root: ingress → scheduler → worker channel, and the processes behind them.
+
+:class:`Runtime` is the thin shell around the sans-I/O scheduler core
+(:mod:`hourai.scheduler.core`): it turns HTTP requests, zygote replies, worker results and
+timer ticks into scheduler events, and carries out the decisions that come back (send an
+invocation, answer, build a snapshot, fork, kill). All of it runs on one event loop; the
+only processes it touches are the zygotes (commands) and workers (invocations, SIGKILL).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import itertools
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from hourai.ingress import Request, Response, error_response
+from hourai.registry import FunctionSpec, default_env
+from hourai.scheduler.core import (
+    BuildSnapshot,
+    Decision,
+    Dispatch,
+    DropSnapshot,
+    Fail,
+    Fork,
+    FunctionState,
+    Kill,
+    Reject,
+    Scheduler,
+)
+from hourai.snapshot.manager import (
+    AsyncChannel,
+    ExitStatus,
+    OutputReader,
+    RootZygote,
+    SnapshotFailed,
+    SnapshotHandle,
+    WorkerEvents,
+    kill_pid,
+)
+
+log = logging.getLogger("hourai")
+access_log = logging.getLogger("hourai.access")
+function_log = logging.getLogger("hourai.function")
+
+# A worker's channel closes a moment before its snapshot reports the exit status; wait this
+# long for the status so the 502 can say what happened (signal, exit code, OOM).
+_EXIT_STATUS_GRACE = 0.5
+
+
+class DeployError(Exception):
+    """A version was refused; ``details`` holds the traceback from the snapshot."""
+
+    def __init__(self, message: str, details: str = "") -> None:
+        super().__init__(message)
+        self.details = details
+
+
+@dataclass
+class RuntimeSettings:
+    preloads: list[str] = field(default_factory=list)
+    max_host_workers: int | None = None
+    server_name: str = "hourai"
+
+
+@dataclass(eq=False)
+class Pending:
+    """One request on its way through the scheduler."""
+
+    rid: int
+    spec: FunctionSpec
+    request: Request
+    root_path: str
+    path: str
+    future: asyncio.Future[Response]
+    started: float  # scheduler clock (loop time), for the remaining time budget
+    t0: float = field(
+        default_factory=time.perf_counter
+    )  # for latency: loop.time() is ms-grained in uvloop
+    start: str = "-"
+    wid: int | None = None
+
+
+@dataclass(eq=False)
+class WorkerProc:
+    wid: int
+    function: str
+    version: str
+    pid: int = 0
+    channel: AsyncChannel | None = None
+    output: OutputReader | None = None
+    inflight: dict[int, Pending] = field(default_factory=dict)
+    killed: bool = False
+    exit: ExitStatus | None = None
+
+
+@dataclass(eq=False)
+class Version:
+    spec: FunctionSpec
+    handle: SnapshotHandle | None = None
+    built: asyncio.Future[dict[str, Any]] | None = None
+    workers_by_pid: dict[int, WorkerProc] = field(default_factory=dict)
+
+
+class Runtime:
+    def __init__(self, settings: RuntimeSettings | None = None) -> None:
+        self.settings = settings or RuntimeSettings()
+        self.loop = asyncio.get_running_loop()
+        self.scheduler = Scheduler(self.loop.time, max_host_workers=self.settings.max_host_workers)
+        self.zygote = RootZygote(
+            self.loop, preloads=self.settings.preloads, output_sink=self._function_output
+        )
+        self.functions: dict[str, FunctionSpec] = {}
+        self.versions: dict[tuple[str, str], Version] = {}
+        self.workers: dict[int, WorkerProc] = {}
+        self.pending: dict[int, Pending] = {}
+        self._rids = itertools.count(1)
+        self._fids = itertools.count(1)
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at: float | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self.on_function_state: Callable[[FunctionState], None] | None = None
+        self.started = time.time()
+
+    # ------------------------------------------------------------------ life cycle
+
+    async def start(self) -> None:
+        self.zygote.on_lost = self._zygote_lost
+        await self.zygote.start()
+
+    async def stop(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        for task in list(self._tasks):
+            task.cancel()
+        for pending in list(self.pending.values()):
+            self._answer(pending, error_response(503, "hourai is shutting down"))
+        for worker in list(self.workers.values()):
+            worker.killed = True
+            if worker.channel is not None:
+                worker.channel.close("daemon stopping")
+            if worker.output is not None:
+                worker.output.close()
+        self.zygote.on_lost = None
+        for version in self.versions.values():
+            if version.handle is not None:
+                version.handle.stopping = True
+        await self.zygote.stop()
+
+    def _spawn(self, coro: Any, what: str) -> None:
+        """Every background task is owned here: kept, cancelled at stop, its failure logged."""
+        task = self.loop.create_task(coro)
+        self._tasks.add(task)
+
+        def done(t: asyncio.Task[Any]) -> None:
+            self._tasks.discard(t)
+            if not t.cancelled() and t.exception() is not None:
+                log.error("%s failed", what, exc_info=t.exception())
+
+        task.add_done_callback(done)
+
+    def _zygote_lost(self, reason: str) -> None:
+        log.critical("root zygote died (%s): no new snapshot can be built", reason)
+
+    # ------------------------------------------------------------------ deploy
+
+    async def deploy(self, spec: FunctionSpec) -> dict[str, Any]:
+        """Build the version's snapshot and switch traffic to it; raise DeployError if it
+        cannot be built (the previous version, if any, keeps serving)."""
+        key = (spec.name, spec.version)
+        existing = self.versions.get(key)
+        if (
+            existing is not None
+            and existing.built is not None
+            and existing.built.done()
+            and not existing.built.exception()
+        ):
+            self.functions[spec.name] = spec
+            self._apply(self.scheduler.deploy(spec.name, spec.version, spec.tenant, spec.limits))
+            return existing.built.result()
+        version = Version(spec, built=self.loop.create_future())
+        self.versions[key] = version
+        self.functions.setdefault(spec.name, spec)
+        self._apply(self.scheduler.deploy(spec.name, spec.version, spec.tenant, spec.limits))
+        assert version.built is not None
+        try:
+            info = await asyncio.shield(version.built)
+        except SnapshotFailed as exc:
+            raise DeployError(str(exc), exc.details) from None
+        self.functions[spec.name] = spec
+        return info
+
+    def remove(self, name: str) -> None:
+        self._apply(self.scheduler.remove(name))
+        self.functions.pop(name, None)
+
+    def unload(self, name: str, reason: str = "unloaded") -> None:
+        """Stop the function's snapshot and idle workers; the next request rebuilds it."""
+        self._apply(self.scheduler.unload(name, reason))
+
+    def _build(self, function: str, version_id: str) -> None:
+        version = self.versions.get((function, version_id))
+        if version is None:
+            spec = self.functions[function]
+            version = self.versions[(function, version_id)] = Version(spec)
+        if version.built is None or version.built.done():
+            version.built = self.loop.create_future()
+        spec = version.spec
+        fid = f"{function}@{version_id}#{next(self._fids)}"
+        events = WorkerEvents(
+            forked=lambda wid, pid, sock, out: self._worker_forked(version, wid, pid, sock, out),
+            fork_failed=self._fork_failed,
+            exited=lambda pid, status: self._worker_exited(version, pid, status),
+        )
+        try:
+            handle = self.zygote.spawn(
+                fid, self._snapshot_spec(spec), events, f"{function}/snapshot"
+            )
+        except RuntimeError as exc:
+            self._build_failed(version, SnapshotFailed(str(exc)))
+            return
+        version.handle = handle
+        handle.on_lost = lambda reason: self._snapshot_lost(version, reason)
+        self._spawn(self._await_build(version, handle), f"snapshot build {fid}")
+
+    async def _await_build(self, version: Version, handle: SnapshotHandle) -> None:
+        spec = version.spec
+        try:
+            info = await handle.ready
+        except SnapshotFailed as exc:
+            self._build_failed(version, exc)
+            return
+        log.info(
+            "%s version %s ready: %s %s:%s in %.1f ms",
+            spec.name,
+            spec.version,
+            info["kind"],
+            spec.target.module,
+            info["attr"],
+            info["init_ms"],
+        )
+        if version.built is not None and not version.built.done():
+            version.built.set_result(info)
+        self._apply(self.scheduler.snapshot_ready(spec.name, spec.version))
+
+    def _build_failed(self, version: Version, exc: SnapshotFailed) -> None:
+        spec = version.spec
+        log.error("%s version %s failed to build: %s", spec.name, spec.version, exc)
+        if exc.details and exc.details.strip() != str(exc):
+            function_log.error("[%s/snapshot] %s", spec.name, exc.details.rstrip())
+        if version.built is not None and not version.built.done():
+            version.built.set_exception(exc)
+            version.built.exception()  # retrieved: a refused deploy is not an unhandled error
+        self.versions.pop((spec.name, spec.version), None)
+        if version.handle is not None:
+            self.zygote.forget(version.handle.fid)
+        self._apply(self.scheduler.snapshot_failed(spec.name, spec.version, str(exc)))
+
+    def _snapshot_lost(self, version: Version, reason: str) -> None:
+        spec = version.spec
+        log.error("%s version %s: snapshot process lost (%s)", spec.name, spec.version, reason)
+        version.handle = None
+        self._apply(self.scheduler.snapshot_lost(spec.name, spec.version, reason))
+
+    def _snapshot_spec(self, spec: FunctionSpec) -> dict[str, Any]:
+        """What the snapshot needs to confine itself and load the function (see zygote)."""
+        env = default_env(spec.name)
+        env.update(spec.env)
+        return {
+            "function": spec.name,
+            "version": spec.version,
+            "target": dataclasses.asdict(spec.target),
+            "kind": spec.kind,
+            "env": env,
+            "cwd": spec.target.root,
+            "rlimits": {"core": 0},
+        }
+
+    # ------------------------------------------------------------------ requests
+
+    async def invoke(
+        self, spec: FunctionSpec, request: Request, root_path: str, path: str
+    ) -> Response:
+        rid = next(self._rids)
+        pending = Pending(
+            rid, spec, request, root_path, path, self.loop.create_future(), self.loop.time()
+        )
+        self.pending[rid] = pending
+        self._apply(self.scheduler.submit(rid, spec.name))
+        try:
+            return await pending.future
+        except asyncio.CancelledError:
+            # The client went away: drop it from the queue, or let its worker finish and
+            # throw the result away. Nothing else is spent on it.
+            if self.pending.pop(rid, None) is not None:
+                self._apply(self.scheduler.cancel(rid))
+            raise
+
+    def _answer(self, pending: Pending, response: Response) -> None:
+        self.pending.pop(pending.rid, None)
+        if not pending.future.done():
+            pending.future.set_result(response)
+        if access_log.isEnabledFor(logging.INFO):
+            req = pending.request
+            access_log.info(
+                "%s %s %s %d %s %.2fms",
+                pending.spec.name,
+                req.method,
+                req.target,
+                response.status,
+                pending.start,
+                (time.perf_counter() - pending.t0) * 1e3,
+            )
+
+    def _send_invocation(self, pending: Pending, worker: WorkerProc) -> None:
+        req = pending.request
+        spec = pending.spec
+        remaining = spec.limits.timeout - (self.loop.time() - pending.started)
+        assert worker.channel is not None
+        worker.inflight[pending.rid] = pending
+        worker.channel.send(
+            {
+                "t": "inv",
+                "id": pending.rid,
+                "method": req.method,
+                "path": pending.path,
+                "root_path": pending.root_path,
+                "query": req.query,
+                "headers": req.headers,
+                "body": req.body,
+                "client": req.client,
+                "server": req.server,
+                "scheme": "http",
+                "http_version": req.http_version,
+                "request_id": f"{pending.rid:x}-{worker.pid}",
+                "function": spec.name,
+                "deadline_ms": int(max(remaining, 0) * 1000),
+            }
+        )
+
+    # ------------------------------------------------------------------ workers
+
+    def _worker_forked(self, version: Version, wid: int, pid: int, sock: Any, out_fd: int) -> None:
+        worker = self.workers.get(wid)
+        if worker is None:  # forked for a request that no longer wants it (removed, stopped)
+            sock.close()
+            os.close(out_fd)
+            kill_pid(pid)
+            return
+        worker.pid = pid
+        worker.output = OutputReader(
+            self.loop, out_fd, f"{worker.function}#{pid}", self._function_output
+        )
+        worker.channel = AsyncChannel(
+            self.loop,
+            sock,
+            lambda msg, _fds: self._worker_message(worker, msg),
+            lambda reason: self._worker_channel_closed(worker, reason),
+        )
+        version.workers_by_pid[pid] = worker
+        self._apply(self.scheduler.worker_ready(wid))
+
+    def _worker_message(self, worker: WorkerProc, msg: dict[str, Any]) -> None:
+        pending = worker.inflight.pop(msg.get("id", -1), None)
+        if pending is None:
+            return  # a result for a request that was answered already (cancelled, timed out)
+        spec = pending.spec
+        if msg["t"] == "res":
+            headers = msg["headers"]
+            headers.append(("x-hourai-start", pending.start))
+            response = Response(msg["status"], headers, msg["body"])
+        else:
+            log.error(
+                "%s#%d request %s raised %s (error id %s)",
+                spec.name,
+                worker.pid,
+                pending.rid,
+                msg.get("error"),
+                msg.get("error_id"),
+            )
+            response = error_response(
+                500,
+                f"function {spec.name} raised an exception (error id {msg.get('error_id')})",
+                [
+                    ("x-hourai-start", pending.start),
+                    ("x-hourai-error-id", str(msg.get("error_id"))),
+                ],
+            )
+        self._answer(pending, response)
+        self._apply(self.scheduler.finished(worker.wid, pending.rid))
+
+    def _worker_channel_closed(self, worker: WorkerProc, reason: str) -> None:
+        if worker.killed:
+            self._forget_worker(worker)
+            return
+        if worker.exit is not None:
+            self._worker_died(worker)
+        else:
+            # Usually the snapshot's "exited" is a moment behind: wait for it, not forever.
+            self.loop.call_later(_EXIT_STATUS_GRACE, self._worker_died, worker)
+
+    def _worker_exited(self, version: Version, pid: int, status: ExitStatus) -> None:
+        worker = version.workers_by_pid.get(pid)
+        if worker is None:
+            return
+        worker.exit = status
+        if worker.channel is not None and worker.channel.closed and not worker.killed:
+            self._worker_died(worker)
+
+    def _worker_died(self, worker: WorkerProc) -> None:
+        if worker.wid not in self.workers or worker.killed:
+            return
+        worker.killed = True
+        reason = self.death_reason(worker)
+        log.warning("%s#%d %s", worker.function, worker.pid, reason)
+        self._forget_worker(worker)
+        self._apply(self.scheduler.worker_died(worker.wid, reason))
+
+    def death_reason(self, worker: WorkerProc) -> str:
+        what = worker.exit.describe() if worker.exit else "closed its channel"
+        return f"worker of {worker.function} {what}"
+
+    def _forget_worker(self, worker: WorkerProc) -> None:
+        self.workers.pop(worker.wid, None)
+        version = self.versions.get((worker.function, worker.version))
+        if version is not None:
+            version.workers_by_pid.pop(worker.pid, None)
+        if worker.output is not None and worker.output.fd >= 0:
+            # Leave the pipe to drain the last lines; it closes itself at EOF.
+            pass
+
+    def _kill_worker(self, worker: WorkerProc, reason: str) -> None:
+        worker.killed = True
+        if worker.pid:
+            kill_pid(worker.pid)
+        if worker.channel is not None:
+            worker.channel.close(reason)
+        else:
+            self._forget_worker(worker)
+
+    def _function_output(self, tag: str, line: str) -> None:
+        function_log.info("[%s] %s", tag, line)
+
+    # ------------------------------------------------------------------ decisions
+
+    def _apply(self, decisions: list[Decision]) -> None:
+        for d in decisions:
+            if isinstance(d, Dispatch):
+                pending = self.pending.get(d.request_id)
+                worker = self.workers.get(d.worker_id)
+                if pending is None or worker is None or worker.channel is None:
+                    log.error("scheduler dispatched %s to %s: unknown", d.request_id, d.worker_id)
+                    continue
+                pending.start = d.start
+                pending.wid = d.worker_id
+                self._send_invocation(pending, worker)
+            elif isinstance(d, Reject):
+                pending = self.pending.get(d.request_id)
+                if pending is not None:
+                    headers = []
+                    if d.retry_after is not None:
+                        headers.append(("retry-after", str(max(1, round(d.retry_after)))))
+                    self._answer(pending, error_response(d.status, d.reason, headers))
+            elif isinstance(d, Fail):
+                pending = self.pending.get(d.request_id)
+                if pending is not None:
+                    if pending.wid is not None and pending.wid in self.workers:
+                        self.workers[pending.wid].inflight.pop(pending.rid, None)
+                    self._answer(
+                        pending,
+                        error_response(d.status, d.reason, [("x-hourai-start", pending.start)]),
+                    )
+            elif isinstance(d, Fork):
+                version = self.versions.get((d.function, d.version))
+                self.workers[d.worker_id] = WorkerProc(d.worker_id, d.function, d.version)
+                if version is None or version.handle is None:
+                    self.loop.call_soon(self._fork_failed, d.worker_id, "snapshot is gone")
+                else:
+                    version.handle.fork(d.worker_id)
+            elif isinstance(d, Kill):
+                worker = self.workers.get(d.worker_id)
+                if worker is not None:
+                    self._kill_worker(worker, d.reason)
+            elif isinstance(d, BuildSnapshot):
+                self._build(d.function, d.version)
+            elif isinstance(d, DropSnapshot):
+                version = self.versions.pop((d.function, d.version), None)
+                if version is not None and version.handle is not None:
+                    version.handle.stop()
+                    self.zygote.forget(version.handle.fid)
+            elif isinstance(d, FunctionState):
+                log.info("%s: %s %s", d.function, d.state, d.detail)
+                if self.on_function_state is not None:
+                    self.on_function_state(d)
+        self._arm_timer()
+
+    def _fork_failed(self, wid: int, error: str) -> None:
+        log.warning("fork of worker %d failed: %s", wid, error)
+        self.workers.pop(wid, None)
+        self._apply(self.scheduler.fork_failed(wid, error))
+
+    def _arm_timer(self) -> None:
+        deadline = self.scheduler.next_deadline()
+        if deadline is None or (self._timer_at is not None and self._timer_at <= deadline):
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer_at = deadline
+        self._timer = self.loop.call_at(deadline, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._timer_at = None
+        self._apply(self.scheduler.tick())
+
+
+class Router:
+    """Which function a request is for, and the path it sees.
+
+    ``single``: one function mounted at ``/`` (``hourai run``). Otherwise by
+    ``Host: <function>.<domain>`` when a domain is configured, else by the first path
+    segment, ``/<function>/rest`` (the function sees ``/rest`` with root path ``/<function>``).
+    """
+
+    def __init__(
+        self,
+        functions: dict[str, FunctionSpec],
+        *,
+        single: str | None = None,
+        domain: str | None = None,
+    ) -> None:
+        self.functions = functions
+        self.single = single
+        self.domain = ("." + domain.strip(".").lower()) if domain else None
+
+    def route(self, request: Request) -> tuple[FunctionSpec, str, str] | None:
+        if self.single is not None:
+            spec = self.functions.get(self.single)
+            return (spec, "", request.path or "/") if spec else None
+        if self.domain is not None:
+            host = (request.header("host") or "").rsplit(":", 1)[0].lower()
+            if host.endswith(self.domain):
+                spec = self.functions.get(host[: -len(self.domain)])
+                if spec is not None:
+                    return spec, "", request.path or "/"
+        path = request.path
+        name, sep, rest = path[1:].partition("/")
+        spec = self.functions.get(name)
+        if spec is None:
+            return None
+        return spec, "/" + name, "/" + rest if sep else "/"
+
+
+def http_handler(runtime: Runtime, router: Router) -> Callable[[Request], Any]:
+    """The ingress callback: route, then hand the request to the scheduler."""
+
+    async def handle(request: Request) -> Response:
+        routed = router.route(request)
+        if routed is None:
+            if router.single is not None:
+                return error_response(503, "the function is not deployed (yet)")
+            return error_response(404, f"no function serves {request.path}")
+        spec, root_path, path = routed
+        return await runtime.invoke(spec, request, root_path, path)
+
+    return handle

@@ -1,0 +1,417 @@
+"""The daemon's side of the zygotes: start the root zygote, build snapshots, fork workers.
+
+Everything here runs on the daemon's event loop and never forks tenant code itself (a
+process with an event loop is unsafe to fork); it only sends commands to the zygotes and
+turns their replies into callbacks. Worker channels arrive as socketpair ends passed with
+SCM_RIGHTS and are wrapped in :class:`AsyncChannel`.
+"""
+
+from __future__ import annotations
+
+import array
+import asyncio
+import errno
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from hourai.channel import recv_with_fds
+from hourai.protocol import FrameDecoder, Message, ProtocolError, encode
+
+log = logging.getLogger("hourai.snapshot")
+
+_READ_BYTES = 256 * 1024
+
+
+class AsyncChannel:
+    """The daemon end of any channel (zygote, snapshot or worker), driven by loop readers.
+
+    Messages (and the fds they declare) go to ``on_message``; ``on_close`` is called once,
+    with the reason, when the peer goes away or breaks the protocol.
+    """
+
+    __slots__ = (
+        "_closed",
+        "_decoder",
+        "_fds",
+        "_loop",
+        "_out",
+        "_with_fds",
+        "on_close",
+        "on_message",
+        "sock",
+    )
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        sock: socket.socket,
+        on_message: Callable[[Message, list[int]], None],
+        on_close: Callable[[str], None],
+        *,
+        with_fds: bool = False,
+    ) -> None:
+        sock.setblocking(False)
+        self.sock = sock
+        self.on_message = on_message
+        self.on_close = on_close
+        self._loop = loop
+        self._decoder = FrameDecoder()
+        self._fds: deque[int] = deque()
+        self._out: deque[tuple[bytes, Sequence[int]]] = deque()
+        self._with_fds = with_fds
+        self._closed = False
+        loop.add_reader(sock.fileno(), self._on_readable)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def send(self, msg: Message, fds: Sequence[int] = ()) -> None:
+        if self._closed:
+            return
+        data = encode({**msg, "nfds": len(fds)} if fds else msg)
+        if self._out:
+            self._out.append((data, fds))
+            return
+        self._write(data, fds)
+
+    def _write(self, data: bytes, fds: Sequence[int]) -> None:
+        try:
+            if fds:
+                anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))]
+                sent = self.sock.sendmsg([data], anc)
+            else:
+                sent = self.sock.send(data)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+            if not self._out:
+                self._loop.add_writer(self.sock.fileno(), self._on_writable)
+            self._out.appendleft((data, fds))
+            return
+        except OSError as exc:
+            self.close(f"write failed: {exc.strerror}")
+            return
+        if sent < len(data):
+            # The fds went with the first byte; the rest is plain bytes.
+            if not self._out:
+                self._loop.add_writer(self.sock.fileno(), self._on_writable)
+            self._out.appendleft((data[sent:], ()))
+
+    def _on_writable(self) -> None:
+        pending, self._out = self._out, deque()
+        while pending and not self._out and not self._closed:
+            data, fds = pending.popleft()
+            self._write(data, fds)
+        if self._closed:
+            return
+        self._out.extend(pending)
+        if not self._out:
+            self._loop.remove_writer(self.sock.fileno())
+
+    def _on_readable(self) -> None:
+        try:
+            if self._with_fds:
+                data, fds = recv_with_fds(self.sock)
+                self._fds.extend(fds)
+            else:
+                data = self.sock.recv(_READ_BYTES)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self.close(f"read failed: {exc.strerror}")
+            return
+        if not data:
+            self.close("closed by peer")
+            return
+        try:
+            messages = self._decoder.feed(data)
+        except ProtocolError as exc:
+            self.close(f"protocol error: {exc}")
+            return
+        for msg in messages:
+            nfds = msg.get("nfds", 0)
+            fds = [self._fds.popleft() for _ in range(min(nfds, len(self._fds)))]
+            self.on_message(msg, fds)
+            if self._closed:
+                return
+
+    def close(self, reason: str = "closed") -> None:
+        if self._closed:
+            return
+        self._closed = True
+        fd = self.sock.fileno()
+        self._loop.remove_reader(fd)
+        if self._out:
+            self._loop.remove_writer(fd)
+        self.sock.close()
+        while self._fds:
+            os.close(self._fds.popleft())
+        self.on_close(reason)
+
+
+class OutputReader:
+    """Reads a child's stdout/stderr pipe and hands over whole lines, tagged."""
+
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, fd: int, tag: str, sink: Callable[[str, str], None]
+    ) -> None:
+        os.set_blocking(fd, False)
+        self.fd = fd
+        self.tag = tag
+        self.sink = sink
+        self._loop = loop
+        self._partial = b""
+        loop.add_reader(fd, self._on_readable)
+
+    def _on_readable(self) -> None:
+        try:
+            data = os.read(self.fd, 65536)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self.close()
+            return
+        *lines, self._partial = (self._partial + data).split(b"\n")
+        if len(self._partial) > 65536:  # a runaway line without newline: flush it anyway
+            lines.append(self._partial)
+            self._partial = b""
+        for line in lines:
+            self.sink(self.tag, line.decode("utf-8", "replace"))
+
+    def close(self) -> None:
+        if self.fd < 0:
+            return
+        if self._partial:
+            self.sink(self.tag, self._partial.decode("utf-8", "replace"))
+            self._partial = b""
+        self._loop.remove_reader(self.fd)
+        os.close(self.fd)
+        self.fd = -1
+
+
+class SnapshotFailed(Exception):
+    """The function could not be imported or initialised; ``details`` holds the traceback."""
+
+    def __init__(self, error: str, details: str = "") -> None:
+        super().__init__(error)
+        self.details = details
+
+
+@dataclass
+class ExitStatus:
+    code: int | None
+    signal: int | None
+
+    def describe(self) -> str:
+        if self.signal is not None:
+            try:
+                name = signal.Signals(self.signal).name
+            except ValueError:
+                name = str(self.signal)
+            return f"killed by {name}"
+        return f"exited with status {self.code}"
+
+
+@dataclass
+class WorkerEvents:
+    """What a snapshot tells its owner about the workers it forks."""
+
+    forked: Callable[[int, int, socket.socket, int], None]  # wid, pid, channel, output fd
+    fork_failed: Callable[[int, str], None]  # wid, error
+    exited: Callable[[int, ExitStatus], None]  # pid, status
+
+
+@dataclass
+class SnapshotHandle:
+    """The daemon's view of one function snapshot process."""
+
+    fid: str
+    events: WorkerEvents
+    ready: asyncio.Future[dict[str, Any]]
+    pid: int | None = None
+    channel: AsyncChannel | None = None
+    output: OutputReader | None = None
+    info: dict[str, Any] = field(default_factory=dict)
+    on_lost: Callable[[str], None] | None = None
+    stopping: bool = False
+
+    def fork(self, wid: int) -> None:
+        if self.channel is None or self.channel.closed:
+            self.events.fork_failed(wid, "snapshot is gone")
+            return
+        self.channel.send({"t": "fork", "wid": wid})
+
+    def stop(self) -> None:
+        """Ask the snapshot to kill its workers and exit; its channel closing does the rest."""
+        self.stopping = True
+        if self.channel is not None and not self.channel.closed:
+            self.channel.send({"t": "stop"})
+
+    def kill(self) -> None:
+        self.stopping = True
+        if self.pid is not None:
+            try:
+                os.kill(self.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+    # -- messages from the snapshot process
+    def _on_message(self, msg: Message, fds: list[int]) -> None:
+        kind = msg["t"]
+        if kind == "forked":
+            chan_fd, out_fd = fds
+            self.events.forked(msg["wid"], msg["pid"], socket.socket(fileno=chan_fd), out_fd)
+        elif kind == "exited":
+            self.events.exited(msg["pid"], ExitStatus(msg["code"], msg["signal"]))
+        elif kind == "fork_failed":
+            self.events.fork_failed(msg["wid"], msg["error"])
+        elif kind == "ready":
+            self.info = msg
+            if not self.ready.done():
+                self.ready.set_result(msg)
+        elif kind == "failed":
+            if not self.ready.done():
+                self.ready.set_exception(SnapshotFailed(msg["error"], msg.get("details", "")))
+        else:
+            for fd in fds:
+                os.close(fd)
+            log.warning("snapshot %s sent unknown message %r", self.fid, kind)
+
+    def _on_close(self, reason: str) -> None:
+        if not self.ready.done():
+            self.ready.set_exception(
+                SnapshotFailed(f"snapshot process ended during start ({reason})")
+            )
+        elif self.ready.exception() is None and not self.stopping and self.on_lost is not None:
+            self.on_lost(reason)
+
+
+class RootZygote:
+    """The root zygote process and the snapshots forked from it."""
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        *,
+        preloads: Sequence[str] = (),
+        output_sink: Callable[[str, str], None],
+    ) -> None:
+        self.loop = loop
+        self.preloads = list(preloads)
+        self.output_sink = output_sink
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.channel: AsyncChannel | None = None
+        self._hello: asyncio.Future[int] = loop.create_future()
+        self._by_fid: dict[str, SnapshotHandle] = {}
+        self._by_pid: dict[int, SnapshotHandle] = {}
+        self.on_lost: Callable[[str], None] | None = None
+
+    async def start(self, timeout: float = 30.0) -> None:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        cmd = [sys.executable, "-m", "hourai.snapshot.zygote", "--channel", str(theirs.fileno())]
+        for mod in self.preloads:
+            cmd += ["--preload", mod]
+        # The root zygote inherits the daemon's stdout/stderr: its own messages (a failed
+        # preload) belong in the daemon's log.
+        self.proc = subprocess.Popen(cmd, pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL)
+        theirs.close()
+        self.channel = AsyncChannel(
+            self.loop, ours, self._on_message, self._on_close, with_fds=True
+        )
+        try:
+            await asyncio.wait_for(self._hello, timeout)
+        except TimeoutError:
+            self.kill()
+            raise RuntimeError(f"root zygote did not start within {timeout:.0f}s") from None
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc else None
+
+    def spawn(
+        self, fid: str, spec: dict[str, Any], events: WorkerEvents, tag: str
+    ) -> SnapshotHandle:
+        """Ask for a snapshot; await ``handle.ready`` for its ``ready`` message."""
+        if self.channel is None or self.channel.closed:
+            raise RuntimeError("root zygote is not running")
+        handle = SnapshotHandle(fid, events, self.loop.create_future())
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        out_r, out_w = os.pipe()
+        handle.channel = AsyncChannel(
+            self.loop, ours, handle._on_message, handle._on_close, with_fds=True
+        )
+        handle.output = OutputReader(self.loop, out_r, tag, self.output_sink)
+        self._by_fid[fid] = handle
+        self.channel.send({"t": "spawn", "fid": fid, "spec": spec}, fds=[theirs.fileno(), out_w])
+        theirs.close()
+        os.close(out_w)
+        return handle
+
+    def _on_message(self, msg: Message, fds: list[int]) -> None:
+        for fd in fds:
+            os.close(fd)
+        kind = msg["t"]
+        if kind == "hello":
+            if not self._hello.done():
+                self._hello.set_result(msg["pid"])
+        elif kind == "spawned":
+            handle = self._by_fid.get(msg["fid"])
+            if handle is not None:
+                handle.pid = msg["pid"]
+                self._by_pid[msg["pid"]] = handle
+        elif kind == "exited":
+            handle = self._by_pid.pop(msg["pid"], None)
+            if handle is not None:
+                self._by_fid.pop(handle.fid, None)
+                status = ExitStatus(msg["code"], msg["signal"])
+                handle.info["exit"] = status.describe()
+
+    def _on_close(self, reason: str) -> None:
+        if not self._hello.done():
+            self._hello.set_exception(RuntimeError(f"root zygote failed to start ({reason})"))
+        elif self.on_lost is not None:
+            self.on_lost(reason)
+
+    def forget(self, fid: str) -> None:
+        handle = self._by_fid.pop(fid, None)
+        if handle is not None and handle.pid is not None:
+            self._by_pid.pop(handle.pid, None)
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+
+    async def stop(self, timeout: float = 5.0) -> None:
+        """Stop every snapshot (they take their workers with them), then the root zygote."""
+        for handle in list(self._by_fid.values()):
+            handle.kill()
+        if self.channel is not None:
+            self.channel.close("daemon stopping")
+        if self.proc is None:
+            return
+        deadline = self.loop.time() + timeout
+        while self.proc.poll() is None and self.loop.time() < deadline:
+            await asyncio.sleep(0.01)
+        self.kill()
+        try:
+            self.proc.wait(timeout=1)
+        except subprocess.TimeoutExpired:  # pragma: no cover - SIGKILL does not fail
+            pass
+
+
+def kill_pid(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except OSError as exc:
+        if exc.errno != errno.ESRCH:
+            raise

@@ -1,0 +1,315 @@
+"""The zygotes: the root zygote and the per-function snapshots it forks.
+
+Run as ``python -m hourai.snapshot.zygote --channel FD [--preload MOD ...]`` by the daemon.
+Both zygotes are single-threaded blocking loops with no event loop: the only kind of
+process that is safe to fork. The root zygote imports the hourai runtime and the preloads,
+freezes the heap (``gc.freeze``: the objects move out of the collector's reach so collections
+in children do not write to, and so un-share, their pages) and then only forks snapshots. A
+snapshot joins its tenant's cgroup, drops privileges, imports the function, runs its
+module-level code and init once, freezes again, and then only forks workers.
+
+Each zygote reaps its own children (one owner for waitpid per process) and reports their
+exits to the daemon.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import importlib
+import os
+import random
+import select
+import signal
+import socket
+import sys
+import time
+import traceback
+from typing import Any
+
+from hourai.channel import BlockingChannel, ChannelClosed
+from hourai.isolate import sandbox
+from hourai.isolate.adapters import Invoker, StartupError
+from hourai.isolate.loader import LoadError, Target, load
+from hourai.isolate.worker import serve_worker
+
+
+class _Reaper:
+    """SIGCHLD turned into a readable fd, so one poll() waits for commands and child exits."""
+
+    def __init__(self) -> None:
+        self.rfd, self.wfd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        signal.set_wakeup_fd(self.wfd, warn_on_full_buffer=False)
+        signal.signal(signal.SIGCHLD, lambda *_: None)
+
+    def drain(self) -> None:
+        try:
+            while os.read(self.rfd, 512):
+                pass
+        except BlockingIOError:
+            pass
+
+    def reap(self) -> list[tuple[int, int]]:
+        """Every child that has ended, as (pid, wait status)."""
+        ended = []
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                break
+            if pid == 0:
+                break
+            ended.append((pid, status))
+        return ended
+
+    def close(self) -> None:
+        os.close(self.rfd)
+        os.close(self.wfd)
+
+
+def exit_message(pid: int, status: int) -> dict[str, Any]:
+    code = os.waitstatus_to_exitcode(status)
+    return {
+        "t": "exited",
+        "pid": pid,
+        "code": code if code >= 0 else None,
+        "signal": -code if code < 0 else None,
+    }
+
+
+def _serve(channel: BlockingChannel, reaper: _Reaper, on_message: Any, on_exit: Any = None) -> None:
+    """The zygote loop: commands from the daemon, exits of children, until the channel closes."""
+    poller = select.poll()
+    poller.register(channel.fileno(), select.POLLIN)
+    poller.register(reaper.rfd, select.POLLIN)
+    while True:
+        if not channel.has_buffered():
+            try:
+                poller.poll()
+            except InterruptedError:
+                continue
+        reaper.drain()
+        try:
+            for pid, status in reaper.reap():
+                if on_exit is not None:
+                    on_exit(pid)
+                channel.send(exit_message(pid, status))
+            if channel.has_buffered() or _readable(channel):
+                msg, fds = channel.recv()
+                if on_message(msg, fds) is False:
+                    return
+        except (ChannelClosed, BrokenPipeError, ConnectionResetError):
+            return  # the daemon is gone or done with us
+
+
+def _readable(channel: BlockingChannel) -> bool:
+    return bool(select.select([channel.fileno()], [], [], 0)[0])
+
+
+# --------------------------------------------------------------------------- root zygote
+
+
+class RootZygote:
+    def __init__(self, channel: BlockingChannel, preloads: list[str]) -> None:
+        self.channel = channel
+        self.preloads = preloads
+
+    def run(self) -> None:
+        sandbox.die_with_parent(os.getppid())
+        gc.disable()  # re-enabled in workers; zygotes allocate little and must not dirty pages
+        for name in self.preloads:
+            try:
+                importlib.import_module(name)
+            except Exception as exc:
+                # A missing preload is slower, not broken: say so and go on.
+                print(f"hourai: preload {name!r} failed: {exc}", file=sys.stderr, flush=True)
+        gc.freeze()
+        self.reaper = _Reaper()
+        self.channel.send({"t": "hello", "pid": os.getpid()})
+        _serve(self.channel, self.reaper, self.on_message)
+
+    def on_message(self, msg: dict[str, Any], fds: list[int]) -> bool:
+        if msg["t"] == "spawn":
+            self.spawn(msg, fds)
+        elif msg["t"] == "stop":
+            return False
+        else:
+            for fd in fds:
+                os.close(fd)
+        return True
+
+    def spawn(self, msg: dict[str, Any], fds: list[int]) -> None:
+        snapshot_fd, output_fd = fds
+        sys.stdout.flush()
+        sys.stderr.flush()
+        pid = os.fork()
+        if pid == 0:
+            try:
+                self._become_snapshot(msg["spec"], snapshot_fd, output_fd)
+            finally:
+                os._exit(70)
+        os.close(snapshot_fd)
+        os.close(output_fd)
+        self.channel.send({"t": "spawned", "fid": msg["fid"], "pid": pid})
+
+    def _become_snapshot(self, spec: dict[str, Any], snapshot_fd: int, output_fd: int) -> None:
+        # The checklist between fork() and tenant code. Keep it short and linear: it is the
+        # security boundary.
+        parent = os.getppid()
+        # 1. signals: the root zygote's SIGCHLD hook and wakeup fd are not ours
+        sandbox.reset_signals()
+        # 2. fds: drop the root's channel and reaper; output goes to the daemon's pipe
+        self.channel.sock.close()
+        self.reaper.close()
+        os.dup2(output_fd, 1)
+        os.dup2(output_fd, 2)
+        os.close(output_fd)
+        channel = BlockingChannel(socket.socket(fileno=snapshot_fd))
+        # 3. die with the root zygote (and so with the daemon)
+        sandbox.die_with_parent(parent)
+        # 4. the tenant's cgroup, before a single tenant page is touched
+        sandbox.join_cgroup(spec.get("cgroup_procs", []))
+        # 5. limits, then privileges
+        sandbox.set_rlimits(spec.get("rlimits", {}))
+        if spec.get("uid") is not None:
+            sandbox.drop_privileges(spec["uid"], spec["gid"])
+        sandbox.no_new_privs()
+        # 6. environment: only what the function was given
+        os.environ.clear()
+        os.environ.update(spec.get("env", {}))
+        if spec.get("cwd"):
+            os.chdir(spec["cwd"])
+        # 7. the tenant's code
+        Snapshot(channel, spec).run()
+
+
+# --------------------------------------------------------------------------- snapshot
+
+
+class Snapshot:
+    def __init__(self, channel: BlockingChannel, spec: dict[str, Any]) -> None:
+        self.channel = channel
+        self.spec = spec
+        self.invoker: Invoker | None = None
+        self.children: set[int] = set()
+
+    def run(self) -> None:
+        started = time.perf_counter()
+        try:
+            target = Target(**self.spec["target"])
+            invoker = load(target, self.spec.get("kind"))
+            invoker.startup()
+        except (LoadError, StartupError) as exc:
+            self.channel.send({"t": "failed", "error": str(exc), "details": exc.details})
+            return
+        except Exception as exc:
+            self.channel.send(
+                {
+                    "t": "failed",
+                    "error": f"{type(exc).__name__}: {exc}",
+                    "details": traceback.format_exc(),
+                }
+            )
+            return
+        self.invoker = invoker
+        init_ms = (time.perf_counter() - started) * 1000
+        # What the import left behind is shared by every worker: freeze it so their
+        # collections never touch (and so copy) these pages.
+        gc.collect()
+        gc.freeze()
+        self.reaper = _Reaper()
+        self.channel.send(
+            {
+                "t": "ready",
+                "kind": invoker.kind,
+                "attr": invoker.attr,
+                "init_ms": init_ms,
+                "pid": os.getpid(),
+            }
+        )
+        _serve(self.channel, self.reaper, self.on_message, self.children.discard)
+        # The daemon closed the channel or said stop: our workers go with us.
+        for pid in self.children:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+    def on_message(self, msg: dict[str, Any], fds: list[int]) -> bool:
+        kind = msg["t"]
+        if kind == "fork":
+            self.fork_worker(msg["wid"])
+        elif kind == "stop":
+            return False
+        for fd in fds:
+            os.close(fd)
+        return True
+
+    def fork_worker(self, wid: int) -> None:
+        daemon_end, worker_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        out_r, out_w = os.pipe()
+        try:
+            pid = os.fork()
+        except OSError as exc:  # EAGAIN under pids.max, ENOMEM: the worker just isn't there
+            for s in (daemon_end, worker_end):
+                s.close()
+            os.close(out_r)
+            os.close(out_w)
+            self.channel.send({"t": "fork_failed", "wid": wid, "error": f"fork: {exc.strerror}"})
+            return
+        if pid == 0:
+            code = 0
+            try:
+                self._become_worker(worker_end, daemon_end, out_r, out_w)
+            except BaseException:
+                traceback.print_exc()
+                code = 70
+            finally:
+                os._exit(code)
+        worker_end.close()
+        os.close(out_w)
+        self.children.add(pid)
+        self.channel.send({"t": "forked", "wid": wid, "pid": pid}, fds=[daemon_end.fileno(), out_r])
+        daemon_end.close()
+        os.close(out_r)
+
+    def _become_worker(
+        self, worker_end: socket.socket, daemon_end: socket.socket, out_r: int, out_w: int
+    ) -> None:
+        parent = os.getppid()
+        # 1. signals back to defaults
+        sandbox.reset_signals()
+        # 2. fds: only our channel and our own output pipe
+        daemon_end.close()
+        self.channel.sock.close()
+        self.reaper.close()
+        os.close(out_r)
+        os.dup2(out_w, 1)
+        os.dup2(out_w, 2)
+        os.close(out_w)
+        sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
+        sys.stderr.reconfigure(line_buffering=True)  # type: ignore[union-attr]
+        # 3. die with the snapshot
+        sandbox.die_with_parent(parent)
+        # 4. this process allocates: collect again (the frozen heap stays out of it)
+        gc.enable()
+        # 5. fresh randomness: Python reseeds `random` at fork; do it explicitly so a
+        # worker never repeats a sibling's sequence even if a library replaced the hook.
+        random.seed()
+        # 6. the function's own per-process setup (e.g. a fresh event loop)
+        assert self.invoker is not None
+        self.invoker.after_fork()
+        serve_worker(BlockingChannel(worker_end), self.invoker, self.spec)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m hourai.snapshot.zygote")
+    parser.add_argument("--channel", type=int, required=True)
+    parser.add_argument("--preload", action="append", default=[])
+    args = parser.parse_args(argv)
+    channel = BlockingChannel(socket.socket(fileno=args.channel))
+    RootZygote(channel, args.preload).run()
+
+
+if __name__ == "__main__":
+    main()

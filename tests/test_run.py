@@ -1,0 +1,203 @@
+"""`hourai run` end to end: a real daemon process, real HTTP, real forked workers."""
+
+from __future__ import annotations
+
+import re
+import socket
+import subprocess
+import sys
+
+import psutil
+import pytest
+from conftest import EXAMPLES, FUNCTIONS, REPO, HouraiProcess, request, wait_until
+
+BEHAVE = str(FUNCTIONS / "behave.py")
+
+
+def test_hello_example_answers_over_http(hourai_run) -> None:
+    proc = hourai_run(str(EXAMPLES / "hello" / "handler.py"))
+    reply = request(proc.port, "/anything?x=1")
+    assert reply.status == 200
+    assert reply.start in {"spare", "fork", "cold"}
+    assert reply.headers["server"].startswith("hourai")
+    assert "date" in reply.headers
+
+
+def test_process_tree_is_daemon_zygote_snapshot_worker(hourai_run) -> None:
+    proc = hourai_run(BEHAVE, "--spares", "0")
+    info = request(proc.port, "/pid").json()
+    worker = psutil.Process(info["pid"])
+    snapshot = worker.parent()
+    root_zygote = snapshot.parent()
+    assert info["ppid"] == snapshot.pid
+    # module-level code ran once, in the snapshot, not in the worker
+    assert info["imported_in"] == snapshot.pid
+    assert root_zygote.parent().pid == proc.proc.pid
+    assert "hourai.snapshot.zygote" in " ".join(root_zygote.cmdline())
+
+
+def test_warm_reuse_then_start_paths(hourai_run) -> None:
+    proc = hourai_run(BEHAVE, "--spares", "0")
+    first = request(proc.port, "/pid")
+    assert first.start == "fork"
+    second = request(proc.port, "/pid")
+    assert second.start == "warm"
+    assert second.json()["pid"] == first.json()["pid"]
+
+
+def test_spare_is_prefored_and_refilled(hourai_run) -> None:
+    proc = hourai_run(BEHAVE, "--spares", "1")
+    wait_until(lambda: len(_workers(proc)) == 1)  # the spare, forked after the snapshot
+    first = request(proc.port, "/pid")
+    assert first.start == "spare"
+    # a replacement spare is forked off the request path
+    wait_until(lambda: len(_workers(proc)) == 2)
+    assert request(proc.port, "/pid").start == "warm"
+
+
+def test_idle_workers_are_reaped_but_the_snapshot_stays(hourai_run) -> None:
+    proc = hourai_run(BEHAVE, "--spares", "0", "--keep-alive", "0.3")
+    pid = request(proc.port, "/pid").json()["pid"]
+    wait_until(lambda: not psutil.pid_exists(pid) or psutil.Process(pid).status() == "zombie")
+    assert _snapshots(proc), "the snapshot must outlive its idle workers"
+    again = request(proc.port, "/pid")
+    assert again.start == "fork"
+    assert again.json()["pid"] != pid
+
+
+def test_timeout_answers_504_and_replaces_the_worker(hourai_run) -> None:
+    proc = hourai_run(BEHAVE, "--spares", "0", "--timeout", "0.5")
+    reply = request(proc.port, "/sleep?s=30")
+    assert reply.status == 504
+    assert b"timed out" in reply.body
+    assert request(proc.port, "/pid").status == 200
+
+
+def test_exception_answers_500_with_an_error_id_found_in_the_log(hourai_run) -> None:
+    proc = hourai_run(BEHAVE)
+    reply = request(proc.port, "/raise")
+    assert reply.status == 500
+    error_id = reply.headers["x-hourai-error-id"]
+    assert error_id.encode() in reply.body
+    proc.wait_for(rf"error {error_id}")
+    proc.wait_for(r"ValueError: deliberate failure")
+    # the worker survived the exception
+    assert request(proc.port, "/pid").start == "warm"
+
+
+@pytest.mark.parametrize("how", ["exit", "kill"])
+def test_worker_dying_mid_request_answers_502_and_is_replaced(hourai_run, how: str) -> None:
+    proc = hourai_run(BEHAVE, "--spares", "0")
+    reply = request(proc.port, f"/{how}")
+    assert reply.status == 502
+    assert (b"status 3" if how == "exit" else b"SIGKILL") in reply.body
+    again = request(proc.port, "/pid")
+    assert again.status == 200
+    assert again.start == "fork"
+
+
+def test_function_output_is_logged_tagged_with_function_and_worker(hourai_run) -> None:
+    proc = hourai_run(BEHAVE, "--spares", "0")
+    pid = request(proc.port, "/pid").json()["pid"]
+    request(proc.port, "/print?msg=marker42")
+    proc.wait_for(rf"\[fn#{pid}\] out: marker42")
+    proc.wait_for(rf"\[fn#{pid}\] err: marker42")
+
+
+def test_access_log_says_start_path_and_latency(hourai_run) -> None:
+    proc = hourai_run(BEHAVE, "--spares", "0")
+    request(proc.port, "/pid")
+    request(proc.port, "/pid")
+    proc.wait_for(r"hourai.access: fn GET /pid 200 fork [\d.]+ms")
+    proc.wait_for(r"hourai.access: fn GET /pid 200 warm [\d.]+ms")
+
+
+def test_environment_holds_what_the_function_was_given(hourai_run, tmp_path) -> None:
+    env_file = tmp_path / "fn.env"
+    env_file.write_text("# comment\nFROM_FILE='file value'\n")
+    proc = hourai_run(
+        BEHAVE,
+        "--env",
+        "GREETING=hi",
+        "--env-file",
+        str(env_file),
+        env={"DAEMON_SECRET": "must-not-leak"},
+    )
+    env = request(proc.port, "/env").json()
+    assert env["GREETING"] == "hi"
+    assert env["FROM_FILE"] == "file value"
+    assert "DAEMON_SECRET" not in env
+
+
+def test_reload_switches_versions_and_a_broken_edit_keeps_the_old_one(hourai_run, tmp_path):
+    fn = tmp_path / "app.py"
+    fn.write_text("def handler(event, context):\n    return 'v1'\n")
+    proc = hourai_run(str(fn), "--reload")
+    assert request(proc.port, "/").body == b"v1"
+    fn.write_text("def handler(event, context)\n    return 'broken'\n")
+    proc.wait_for(r"reload refused, the previous version keeps serving: .*SyntaxError")
+    assert request(proc.port, "/").body == b"v1"
+    fn.write_text("def handler(event, context):\n    return 'v2'\n")
+    proc.wait_for(r"now serving version")
+    assert request(proc.port, "/").body == b"v2"
+
+
+@pytest.mark.parametrize(
+    ("target", "message"),
+    [
+        ("tests/functions/nope.py", r"no such file"),
+        (str(FUNCTIONS / "broken_syntax.py"), r"SyntaxError"),
+        (str(FUNCTIONS / "broken_import.py"), r"no_such_module_for_hourai_tests"),
+        (str(FUNCTIONS / "no_entry.py"), r"handler, lambda_handler, app, application"),
+        (f"{BEHAVE}:missing", r"missing"),
+    ],
+)
+def test_user_errors_print_one_clear_line(target: str, message: str) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "hourai", "run", "--port", "0", target],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if line.startswith("hourai: error:")]
+    assert len(errors) == 1, result.stderr
+    assert re.search(message, errors[0])
+    assert "Traceback" not in result.stderr.split("hourai: error:")[-1]
+
+
+def test_port_in_use_is_a_clear_error() -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = subprocess.run(
+            [sys.executable, "-m", "hourai", "run", "--port", str(port), BEHAVE],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert result.returncode == 2
+    assert "cannot listen on 127.0.0.1" in result.stderr
+    assert "--port" in result.stderr
+
+
+def test_sigterm_stops_every_process_of_the_tree(hourai_run) -> None:
+    proc = hourai_run(BEHAVE, "--spares", "2")
+    wait_until(lambda: len(_workers(proc)) == 2)
+    tree = psutil.Process(proc.proc.pid).children(recursive=True)
+    assert len(tree) == 4  # root zygote, snapshot, two spares
+    assert proc.stop() == 0
+    _gone, alive = psutil.wait_procs(tree, timeout=10)
+    assert not alive
+
+
+def _snapshots(proc: HouraiProcess) -> list[psutil.Process]:
+    root = psutil.Process(proc.proc.pid).children()
+    return [s for z in root for s in z.children()]
+
+
+def _workers(proc: HouraiProcess) -> list[psutil.Process]:
+    return [w for s in _snapshots(proc) for w in s.children() if w.status() != "zombie"]

@@ -6,11 +6,18 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import os
+import re
 import signal
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from hourai import __version__
+
+if TYPE_CHECKING:
+    from hourai.cgroup import TenantLimits
+    from hourai.isolate.loader import Target
 
 log = logging.getLogger("hourai")
 
@@ -126,13 +133,18 @@ def add_run_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[typ
         action="store_true",
         help="rebuild on file change; a broken edit keeps the old version serving",
     )
+    p.add_argument(
+        "--tenant", default="default", help="tenant the function runs as (default: default)"
+    )
+    p.add_argument("--memory", metavar="SIZE", help="tenant memory limit, e.g. 128M, 1G")
+    p.add_argument("--cpu", metavar="CORES", help="tenant cpu limit in cores, e.g. 0.5")
+    p.add_argument("--pids", type=int, metavar="N", help="tenant limit on processes and threads")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     p.set_defaults(func=cmd_run)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     from hourai.isolate.loader import TargetError, resolve_target
-    from hourai.registry import FunctionSpec, code_version
     from hourai.scheduler.core import FunctionLimits
 
     setup_logging(args.verbose)
@@ -154,30 +166,57 @@ def cmd_run(args: argparse.Namespace) -> int:
         spares=args.spares,
         max_workers=args.max_workers,
     )
-    name = "fn"
-
-    def make_spec() -> FunctionSpec:
-        return FunctionSpec(
-            name=name,
-            target=target,
-            version=code_version(target),
-            kind=args.kind,
-            env=env,
-            limits=limits,
-        )
-
-    return run_async(serve_one(args, make_spec))
+    return run_async(serve_one(args, target, env, limits, parse_resources(args)))
 
 
-async def serve_one(args: argparse.Namespace, make_spec) -> int:  # type: ignore[no-untyped-def]
+def parse_resources(args: argparse.Namespace) -> TenantLimits | None:
+    """--memory/--cpu/--pids as the tenant's cgroup limits (None when none is given)."""
+    from hourai.cgroup import CgroupError, TenantLimits
+
+    if args.memory is None and args.cpu is None and args.pids is None:
+        return None
+    try:
+        return TenantLimits.parse(memory_max=args.memory, cpu_max=args.cpu, pids_max=args.pids)
+    except (CgroupError, ValueError) as exc:
+        raise UsageError(str(exc)) from None
+
+
+def function_name(target: Target) -> str:
+    """A URL- and cgroup-safe name from the file the user named."""
+    stem = Path(target.file or target.source).stem if target.attr is None else target.attr
+    name = re.sub(r"[^a-z0-9-]+", "-", stem.lower()).strip("-")[:63].strip("-")
+    return name or "fn"
+
+
+async def serve_one(  # type: ignore[no-untyped-def]
+    args: argparse.Namespace, target, env, limits, resources
+) -> int:
+    from hourai.codestore import CodeStoreError
     from hourai.daemon import DeployError, Router, Runtime, RuntimeSettings, http_handler
     from hourai.ingress import serve
+    from hourai.registry import build_spec
 
-    runtime = Runtime(RuntimeSettings(preloads=args.preload))
-    spec = make_spec()
+    # Each `hourai run` owns its cgroup subtree, so several can run side by side.
+    runtime = Runtime(
+        RuntimeSettings(preloads=args.preload, cgroup_subtree=f"hourai-run-{os.getpid()}")
+    )
+    name = function_name(target)
+
+    def make_spec():  # type: ignore[no-untyped-def]
+        return build_spec(
+            runtime.codestore,
+            name,
+            target,
+            kind=args.kind,
+            tenant=args.tenant,
+            env=env,
+            limits=limits,
+            resources=resources,
+        )
+
     try:
         server = await serve(
-            http_handler(runtime, Router(runtime.functions, single=spec.name)), args.host, args.port
+            http_handler(runtime, Router(runtime.functions, single=name)), args.host, args.port
         )
     except OSError as exc:
         raise UsageError(
@@ -189,16 +228,20 @@ async def serve_one(args: argparse.Namespace, make_spec) -> int:  # type: ignore
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     try:
+        for warning in runtime.warnings:
+            print(f"hourai: WARNING: {warning}", file=sys.stderr, flush=True)
         await runtime.start()
         try:
+            spec = make_spec()
             info = await runtime.deploy(spec)
-        except DeployError as exc:
+        except (DeployError, CodeStoreError, ValueError) as exc:
             print(f"hourai: error: {exc}", file=sys.stderr)
             return 1
         host, port = server.sockets[0].getsockname()[:2]
+        limits_note = f", tenant {spec.tenant}: {resources.describe()}" if resources else ""
         print(
-            f"hourai: {spec.target.source}: serving {info['kind']} {info['attr']!r} "
-            f"at http://{host}:{port}/ (snapshot built in {info['init_ms']:.0f} ms)",
+            f"hourai: {target.source}: serving {info['kind']} {info['attr']!r} "
+            f"at http://{host}:{port}/ (snapshot built in {info['init_ms']:.0f} ms{limits_note})",
             file=sys.stderr,
             flush=True,
         )
@@ -218,13 +261,15 @@ async def serve_one(args: argparse.Namespace, make_spec) -> int:  # type: ignore
 
 async def _reload_loop(runtime, make_spec, version: str) -> None:  # type: ignore[no-untyped-def]
     """Poll the code tree; a new version is built beside the old one and only then switched."""
+    from hourai.codestore import CodeStoreError
     from hourai.daemon import DeployError
 
     while True:
         await asyncio.sleep(0.5)
         try:
             spec = make_spec()
-        except OSError:
+        except (OSError, CodeStoreError) as exc:
+            print(f"hourai: reload skipped: {exc}", file=sys.stderr, flush=True)
             continue
         if spec.version == version:
             continue

@@ -14,11 +14,17 @@ import dataclasses
 import itertools
 import logging
 import os
+import shutil
+import signal
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+from hourai.cgroup import CgroupBackend, CgroupError, TenantLimits, detect
+from hourai.codestore import CodeStore
 from hourai.ingress import Request, Response, error_response
 from hourai.registry import FunctionSpec, default_env
 from hourai.scheduler.core import (
@@ -43,6 +49,8 @@ from hourai.snapshot.manager import (
     WorkerEvents,
     kill_pid,
 )
+from hourai.tenants import DEFAULT_UID_RANGE, TenantDirectory
+from hourai.units import format_size
 
 log = logging.getLogger("hourai")
 access_log = logging.getLogger("hourai.access")
@@ -61,11 +69,34 @@ class DeployError(Exception):
         self.details = details
 
 
+class Observer:
+    """Hooks for what watches the runtime (metrics, per-function log files). Called on the
+    event loop, on the request path for ``request_done``: keep them cheap."""
+
+    def request_done(self, function: str, status: int, start: str, seconds: float) -> None:
+        pass
+
+    def function_output(self, function: str, tag: str, line: str) -> None:
+        pass
+
+    def function_state(self, state: FunctionState) -> None:
+        pass
+
+
 @dataclass
 class RuntimeSettings:
+    # None: a private temporary state dir, removed at stop (what `hourai run` uses).
+    state_dir: Path | None = None
     preloads: list[str] = field(default_factory=list)
     max_host_workers: int | None = None
     server_name: str = "hourai"
+    cgroup_backend: str = "auto"  # auto | v2 | v1 | none
+    # Our groups live at <daemon's own cgroup>/<subtree>/<tenant>; a crashed run's leftovers
+    # under the same subtree are removed at start.
+    cgroup_subtree: str = "hourai"
+    uid_range: tuple[int, int] = DEFAULT_UID_RANGE
+    separate_uids: bool | None = None  # None: when running as root
+    worker_nofile: int = 1024
 
 
 @dataclass(eq=False)
@@ -97,6 +128,7 @@ class WorkerProc:
     inflight: dict[int, Pending] = field(default_factory=dict)
     killed: bool = False
     exit: ExitStatus | None = None
+    oom_mark: int = 0  # the tenant's OOM kill count when forked: a later rise means OOM
 
 
 @dataclass(eq=False)
@@ -124,12 +156,35 @@ class Runtime:
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
-        self.on_function_state: Callable[[FunctionState], None] | None = None
+        self.observers: list[Observer] = []
         self.started = time.time()
+        self._own_state_dir = self.settings.state_dir is None
+        self.state_dir = self.settings.state_dir or Path(tempfile.mkdtemp(prefix="hourai-"))
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        # Tenants must pass through to their code and temp dir, but not list anything.
+        os.chmod(self.state_dir, 0o711)
+        self.cgroups: CgroupBackend = detect(
+            self.settings.cgroup_backend, subtree=self.settings.cgroup_subtree
+        )
+        self.tenants = TenantDirectory(
+            self.state_dir, self.settings.uid_range, separate=self.settings.separate_uids
+        )
+        self.codestore = CodeStore(self.state_dir / "code")
+
+    @property
+    def warnings(self) -> list[str]:
+        """What a user must know about this host's isolation (printed at start, in stats)."""
+        return [w for w in (self.cgroups.warning, self.tenants.warning) if w]
 
     # ------------------------------------------------------------------ life cycle
 
     async def start(self) -> None:
+        log.info("cgroups: %s", self.cgroups.describe())
+        for warning in self.warnings:
+            log.warning("%s", warning)
+        stale = self.cgroups.cleanup_stale()
+        if stale:
+            log.warning("removed cgroups left by an earlier run: %s", ", ".join(stale))
         self.zygote.on_lost = self._zygote_lost
         await self.zygote.start()
 
@@ -151,6 +206,12 @@ class Runtime:
             if version.handle is not None:
                 version.handle.stopping = True
         await self.zygote.stop()
+        try:
+            self.cgroups.remove_subtree()
+        except CgroupError as exc:
+            log.warning("could not remove hourai's cgroups: %s", exc)
+        if self._own_state_dir:
+            shutil.rmtree(self.state_dir, ignore_errors=True)
 
     def _spawn(self, coro: Any, what: str) -> None:
         """Every background task is owned here: kept, cancelled at stop, its failure logged."""
@@ -181,8 +242,11 @@ class Runtime:
             and not existing.built.exception()
         ):
             self.functions[spec.name] = spec
+            self.cgroups.set_limits(spec.tenant, spec.resources or TenantLimits())
             self._apply(self.scheduler.deploy(spec.name, spec.version, spec.tenant, spec.limits))
             return existing.built.result()
+        self.tenants.get(spec.tenant)
+        self.cgroups.create(spec.tenant, spec.resources or TenantLimits())
         version = Version(spec, built=self.loop.create_future())
         self.versions[key] = version
         self.functions.setdefault(spec.name, spec)
@@ -269,7 +333,11 @@ class Runtime:
 
     def _snapshot_spec(self, spec: FunctionSpec) -> dict[str, Any]:
         """What the snapshot needs to confine itself and load the function (see zygote)."""
-        env = default_env(spec.name)
+        tenant = self.tenants.get(spec.tenant)
+        env = default_env(spec.name, str(tenant.tmpdir))
+        memory = spec.resources.memory_max if spec.resources else None
+        if memory:
+            env["AWS_LAMBDA_FUNCTION_MEMORY_SIZE"] = str(memory >> 20)
         env.update(spec.env)
         return {
             "function": spec.name,
@@ -278,7 +346,10 @@ class Runtime:
             "kind": spec.kind,
             "env": env,
             "cwd": spec.target.root,
-            "rlimits": {"core": 0},
+            "uid": tenant.uid,
+            "gid": tenant.gid,
+            "cgroup_procs": self.cgroups.procs_files(spec.tenant),
+            "rlimits": {"core": 0, "nofile": self.settings.worker_nofile},
         }
 
     # ------------------------------------------------------------------ requests
@@ -305,6 +376,10 @@ class Runtime:
         self.pending.pop(pending.rid, None)
         if not pending.future.done():
             pending.future.set_result(response)
+        if self.observers:
+            seconds = time.perf_counter() - pending.t0
+            for observer in self.observers:
+                observer.request_done(pending.spec.name, response.status, pending.start, seconds)
         if access_log.isEnabledFor(logging.INFO):
             req = pending.request
             access_log.info(
@@ -422,6 +497,19 @@ class Runtime:
         self._apply(self.scheduler.worker_died(worker.wid, reason))
 
     def death_reason(self, worker: WorkerProc) -> str:
+        spec = self.functions.get(worker.function)
+        if (
+            spec is not None
+            and worker.exit is not None
+            and worker.exit.signal == signal.SIGKILL
+            and self.cgroups.oom_killed_since(spec.tenant, worker.oom_mark)
+        ):
+            limit = spec.resources.memory_max if spec.resources else None
+            what = f"{format_size(limit)} memory limit" if limit else "memory limit"
+            return (
+                f"worker of {worker.function} was killed by the kernel's OOM killer: "
+                f"tenant {spec.tenant} exceeded its {what}"
+            )
         what = worker.exit.describe() if worker.exit else "closed its channel"
         return f"worker of {worker.function} {what}"
 
@@ -445,6 +533,10 @@ class Runtime:
 
     def _function_output(self, tag: str, line: str) -> None:
         function_log.info("[%s] %s", tag, line)
+        if self.observers:
+            function = tag.split("#", 1)[0].split("/", 1)[0]
+            for observer in self.observers:
+                observer.function_output(function, tag, line)
 
     # ------------------------------------------------------------------ decisions
 
@@ -477,7 +569,10 @@ class Runtime:
                     )
             elif isinstance(d, Fork):
                 version = self.versions.get((d.function, d.version))
-                self.workers[d.worker_id] = WorkerProc(d.worker_id, d.function, d.version)
+                worker = WorkerProc(d.worker_id, d.function, d.version)
+                if version is not None:
+                    worker.oom_mark = self.cgroups.oom_kill_count(version.spec.tenant)
+                self.workers[d.worker_id] = worker
                 if version is None or version.handle is None:
                     self.loop.call_soon(self._fork_failed, d.worker_id, "snapshot is gone")
                 else:
@@ -495,8 +590,8 @@ class Runtime:
                     self.zygote.forget(version.handle.fid)
             elif isinstance(d, FunctionState):
                 log.info("%s: %s %s", d.function, d.state, d.detail)
-                if self.on_function_state is not None:
-                    self.on_function_state(d)
+                for observer in self.observers:
+                    observer.function_state(d)
         self._arm_timer()
 
     def _fork_failed(self, wid: int, error: str) -> None:

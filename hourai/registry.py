@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import json
 import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from hourai.cgroup import TenantLimits
+from hourai.codestore import CodeStore
 from hourai.isolate.loader import Target
 from hourai.scheduler.core import FunctionLimits
 
@@ -33,25 +37,48 @@ class FunctionSpec:
     tenant: str = "default"
     env: dict[str, str] = field(default_factory=dict)
     limits: FunctionLimits = field(default_factory=FunctionLimits)
+    # The tenant's cgroup limits this deploy declares (memory, cpu, pids); the latest
+    # deploy of any of the tenant's functions sets them.
+    resources: TenantLimits | None = None
 
 
-def code_version(target: Target) -> str:
-    """A short content hash of the function's code tree (its .py files), so an unchanged
-    redeploy is recognised and a changed one gets a new version."""
-    digest = hashlib.sha256()
-    root = Path(target.root)
-    for path in sorted(root.rglob("*.py")):
-        if any(
-            part.startswith(".") or part == "__pycache__" for part in path.relative_to(root).parts
-        ):
-            continue
-        digest.update(str(path.relative_to(root)).encode())
-        try:
-            digest.update(path.read_bytes())
-        except OSError:
-            continue
-    digest.update(f"{target.module}:{target.attr}".encode())
-    return digest.hexdigest()[:12]
+def build_spec(
+    store: CodeStore,
+    name: str,
+    target: Target,
+    *,
+    kind: str | None = None,
+    tenant: str = "default",
+    env: dict[str, str] | None = None,
+    limits: FunctionLimits | None = None,
+    resources: TenantLimits | None = None,
+) -> FunctionSpec:
+    """Freeze the function's code into the store and name the version.
+
+    The version is a hash of everything a snapshot is built from (code, entry point, kind,
+    environment, tenant), so an unchanged redeploy is recognised and any change that needs a
+    new snapshot gets a new version. Limits are not part of it: they change in place.
+    """
+    check_name(name)
+    check_name(tenant, "tenant name")
+    digest, stored = store.put(Path(target.root))
+    stored_target = dataclasses.replace(target, root=str(stored))
+    env = dict(env or {})
+    identity = json.dumps(
+        [digest, target.module, target.attr, kind, sorted(env.items()), tenant],
+        separators=(",", ":"),
+    )
+    version = hashlib.sha256(identity.encode()).hexdigest()[:12]
+    return FunctionSpec(
+        name=name,
+        target=stored_target,
+        version=version,
+        kind=kind,
+        tenant=tenant,
+        env=env,
+        limits=limits or FunctionLimits(),
+        resources=resources,
+    )
 
 
 def default_env(name: str, tmpdir: str | None = None) -> dict[str, str]:

@@ -100,16 +100,16 @@ def test_function_output_is_logged_tagged_with_function_and_worker(hourai_run) -
     proc = hourai_run(BEHAVE, "--spares", "0")
     pid = request(proc.port, "/pid").json()["pid"]
     request(proc.port, "/print?msg=marker42")
-    proc.wait_for(rf"\[fn#{pid}\] out: marker42")
-    proc.wait_for(rf"\[fn#{pid}\] err: marker42")
+    proc.wait_for(rf"\[behave#{pid}\] out: marker42")
+    proc.wait_for(rf"\[behave#{pid}\] err: marker42")
 
 
 def test_access_log_says_start_path_and_latency(hourai_run) -> None:
     proc = hourai_run(BEHAVE, "--spares", "0")
     request(proc.port, "/pid")
     request(proc.port, "/pid")
-    proc.wait_for(r"hourai.access: fn GET /pid 200 fork [\d.]+ms")
-    proc.wait_for(r"hourai.access: fn GET /pid 200 warm [\d.]+ms")
+    proc.wait_for(r"hourai.access: behave GET /pid 200 fork [\d.]+ms")
+    proc.wait_for(r"hourai.access: behave GET /pid 200 warm [\d.]+ms")
 
 
 def test_environment_holds_what_the_function_was_given(hourai_run, tmp_path) -> None:

@@ -9,13 +9,16 @@ function's spec.
 from __future__ import annotations
 
 import ctypes
+import importlib
 import os
 import resource
 import signal
+import sys
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _PR_SET_PDEATHSIG = 1
 _PR_SET_NO_NEW_PRIVS = 38
+_PR_SET_CHILD_SUBREAPER = 36
 
 RLIMITS = {
     "core": resource.RLIMIT_CORE,
@@ -86,3 +89,58 @@ def reset_signals() -> None:
     # Python ignores SIGPIPE at start-up so writes raise BrokenPipeError; keep that for tenants.
     signal.signal(signal.SIGPIPE, signal.SIG_IGN)
     signal.pthread_sigmask(signal.SIG_SETMASK, [])
+
+
+def set_oom_score_adj(value: int) -> None:
+    """Bias the OOM killer (raising needs no privilege, lowering does)."""
+    with open("/proc/self/oom_score_adj", "w") as f:
+        f.write(str(value))
+
+
+def child_subreaper() -> None:
+    """Orphans of tenant code (a worker's children whose worker died) reparent to us, not to
+    init, so we reap them and they stay inside the tree the daemon can kill."""
+    _prctl(_PR_SET_CHILD_SUBREAPER, 1)
+
+
+def keep_sys_path_reachable(uid: int, gid: int) -> None:
+    """Keep the interpreter's library dirs importable after dropping to ``uid``.
+
+    An interpreter installed under a private home (pyenv in /root, mode 0700) cannot be
+    reached by a tenant uid: path lookup needs search permission on every ancestor. An
+    O_PATH fd opened now, while we are root, names the directory itself; ``/proc/self/fd/N``
+    resolves through that fd without walking the ancestors again, and the directories below
+    are world-readable like any Python install. Only the library dirs get such an fd, and
+    they hold nothing another tenant could not read on a normal install.
+    """
+    for i, entry in enumerate(sys.path):
+        if not entry or not os.path.isdir(entry) or _reachable(entry, uid, gid):
+            continue
+        try:
+            fd = os.open(entry, os.O_PATH | os.O_DIRECTORY)
+        except OSError:
+            continue
+        sys.path[i] = f"/proc/self/fd/{fd}"
+    importlib.invalidate_caches()
+
+
+def _reachable(path: str, uid: int, gid: int) -> bool:
+    """Whether ``uid``/``gid`` may search every directory from / down to ``path``."""
+    current = os.path.abspath(path)
+    while True:
+        try:
+            st = os.stat(current)
+        except OSError:
+            return False
+        if st.st_uid == uid:
+            ok = st.st_mode & 0o100
+        elif st.st_gid == gid:
+            ok = st.st_mode & 0o010
+        else:
+            ok = st.st_mode & 0o001
+        if not ok:
+            return False
+        parent = os.path.dirname(current)
+        if parent == current:
+            return True
+        current = parent

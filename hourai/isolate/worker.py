@@ -7,6 +7,7 @@ daemon logs tagged with the function and worker, so the id finds it.
 
 from __future__ import annotations
 
+import os
 import secrets
 import sys
 import traceback
@@ -17,6 +18,7 @@ from hourai.isolate.adapters import Invoker
 
 
 def serve_worker(channel: BlockingChannel, invoker: Invoker, spec: dict[str, Any]) -> None:
+    me = os.getpid()
     while True:
         try:
             inv, _fds = channel.recv()
@@ -24,7 +26,12 @@ def serve_worker(channel: BlockingChannel, invoker: Invoker, spec: dict[str, Any
             return
         if inv["t"] != "inv":
             continue
-        channel.send(run_invocation(invoker, inv))
+        reply = run_invocation(invoker, inv)
+        if os.getpid() != me:
+            # The function forked and this is the child coming back: it must never answer
+            # on (or read from) the worker's channel.
+            os._exit(0)
+        channel.send(reply)
 
 
 def run_invocation(invoker: Invoker, inv: dict[str, Any]) -> dict[str, Any]:

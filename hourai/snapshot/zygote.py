@@ -33,6 +33,17 @@ from hourai.isolate.adapters import Invoker, StartupError
 from hourai.isolate.loader import LoadError, Target, load
 from hourai.isolate.worker import serve_worker
 
+# Tenants' processes go before the daemon (0) when the host runs out of memory. Workers
+# inherit it: after dropping privileges /proc/self is root's and they cannot change it.
+SNAPSHOT_OOM_SCORE_ADJ = 300
+
+
+def _kill_group(pgid: int) -> None:
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
 
 class _Reaper:
     """SIGCHLD turned into a readable fd, so one poll() waits for commands and child exits."""
@@ -91,9 +102,8 @@ def _serve(channel: BlockingChannel, reaper: _Reaper, on_message: Any, on_exit: 
         reaper.drain()
         try:
             for pid, status in reaper.reap():
-                if on_exit is not None:
-                    on_exit(pid)
-                channel.send(exit_message(pid, status))
+                if on_exit is None or on_exit(pid):
+                    channel.send(exit_message(pid, status))
             if channel.has_buffered() or _readable(channel):
                 msg, fds = channel.recv()
                 if on_message(msg, fds) is False:
@@ -167,19 +177,25 @@ class RootZygote:
         channel = BlockingChannel(socket.socket(fileno=snapshot_fd))
         # 3. die with the root zygote (and so with the daemon)
         sandbox.die_with_parent(parent)
-        # 4. the tenant's cgroup, before a single tenant page is touched
+        # 4. the tenant's cgroup, before a single tenant page is touched; under memory
+        # pressure the kernel takes workers first, then snapshots, never the daemon
         sandbox.join_cgroup(spec.get("cgroup_procs", []))
-        # 5. limits, then privileges
+        sandbox.set_oom_score_adj(SNAPSHOT_OOM_SCORE_ADJ)
+        # 5. orphans of tenant code stay ours to reap and kill
+        sandbox.child_subreaper()
+        # 6. limits, then privileges (the library path first: after setuid we could not
+        # open it any more)
         sandbox.set_rlimits(spec.get("rlimits", {}))
         if spec.get("uid") is not None:
+            sandbox.keep_sys_path_reachable(spec["uid"], spec["gid"])
             sandbox.drop_privileges(spec["uid"], spec["gid"])
         sandbox.no_new_privs()
-        # 6. environment: only what the function was given
+        # 7. environment: only what the function was given
         os.environ.clear()
         os.environ.update(spec.get("env", {}))
         if spec.get("cwd"):
             os.chdir(spec["cwd"])
-        # 7. the tenant's code
+        # 8. the tenant's code
         Snapshot(channel, spec).run()
 
 
@@ -227,13 +243,19 @@ class Snapshot:
                 "pid": os.getpid(),
             }
         )
-        _serve(self.channel, self.reaper, self.on_message, self.children.discard)
+        _serve(self.channel, self.reaper, self.on_message, self.on_exit)
         # The daemon closed the channel or said stop: our workers go with us.
         for pid in self.children:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+            _kill_group(pid)
+
+    def on_exit(self, pid: int) -> bool:
+        """A child ended. A worker's own children (its process group) go with it; orphans
+        we reaped as subreaper are not the daemon's business."""
+        if pid not in self.children:
+            return False
+        self.children.discard(pid)
+        _kill_group(pid)
+        return True
 
     def on_message(self, msg: dict[str, Any], fds: list[int]) -> bool:
         kind = msg["t"]
@@ -277,6 +299,8 @@ class Snapshot:
         self, worker_end: socket.socket, daemon_end: socket.socket, out_r: int, out_w: int
     ) -> None:
         parent = os.getppid()
+        # 0. our own process group, so whatever the function forks dies with us
+        os.setpgid(0, 0)
         # 1. signals back to defaults
         sandbox.reset_signals()
         # 2. fds: only our channel and our own output pipe

@@ -19,7 +19,7 @@ import sys
 from hourai.daemon import Router, Runtime, RuntimeSettings, http_handler
 from hourai.ingress import Request, Response, serve
 from hourai.isolate.loader import resolve_target
-from hourai.registry import FunctionSpec, code_version
+from hourai.registry import build_spec
 from hourai.scheduler.core import FunctionLimits
 
 
@@ -33,7 +33,7 @@ async def main(args: argparse.Namespace) -> None:
         max_workers=args.max_workers,
         queue_max=100_000,
     )
-    spec = FunctionSpec("fn", target, code_version(target), limits=limits)
+    spec = build_spec(runtime.codestore, "fn", target, limits=limits)
     await runtime.deploy(spec)
     forward = http_handler(runtime, Router(runtime.functions, single="fn"))
     inline = Response(200, [("content-type", "text/plain")], b"hello")

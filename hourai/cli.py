@@ -6,7 +6,6 @@ import argparse
 import asyncio
 import contextlib
 import logging
-import os
 import re
 import signal
 import sys
@@ -134,6 +133,13 @@ def add_run_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[typ
         help="rebuild on file change; a broken edit keeps the old version serving",
     )
     p.add_argument(
+        "--concurrency",
+        type=int,
+        default=1,
+        metavar="N",
+        help="invocations one worker runs at once (default 1: process mode; >1: thread mode)",
+    )
+    p.add_argument(
         "--tenant", default="default", help="tenant the function runs as (default: default)"
     )
     p.add_argument("--memory", metavar="SIZE", help="tenant memory limit, e.g. 128M, 1G")
@@ -148,9 +154,16 @@ def cmd_run(args: argparse.Namespace) -> int:
     from hourai.scheduler.core import FunctionLimits
 
     setup_logging(args.verbose)
-    if args.spares < 0 or args.max_workers < 1 or args.timeout <= 0 or args.keep_alive < 0:
+    if (
+        args.spares < 0
+        or args.max_workers < 1
+        or args.concurrency < 1
+        or args.timeout <= 0
+        or args.keep_alive < 0
+    ):
         raise UsageError(
-            "--spares must be >= 0, --max-workers >= 1, --timeout and --keep-alive > 0"
+            "--spares must be >= 0, --max-workers and --concurrency >= 1, "
+            "--timeout and --keep-alive > 0"
         )
     try:
         target = resolve_target(args.target)
@@ -165,6 +178,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         keep_alive=args.keep_alive,
         spares=args.spares,
         max_workers=args.max_workers,
+        concurrency=args.concurrency,
     )
     return run_async(serve_one(args, target, env, limits, parse_resources(args)))
 
@@ -196,10 +210,7 @@ async def serve_one(  # type: ignore[no-untyped-def]
     from hourai.ingress import serve
     from hourai.registry import build_spec
 
-    # Each `hourai run` owns its cgroup subtree, so several can run side by side.
-    runtime = Runtime(
-        RuntimeSettings(preloads=args.preload, cgroup_subtree=f"hourai-run-{os.getpid()}")
-    )
+    runtime = Runtime(RuntimeSettings(preloads=args.preload))
     name = function_name(target)
 
     def make_spec():  # type: ignore[no-untyped-def]

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from hourai.cgroup import CgroupBackend, CgroupError, TenantLimits, detect
+from hourai.channel import AsyncChannel
 from hourai.codestore import CodeStore
 from hourai.ingress import Request, Response, error_response
 from hourai.registry import FunctionSpec, default_env
@@ -40,7 +41,6 @@ from hourai.scheduler.core import (
     Scheduler,
 )
 from hourai.snapshot.manager import (
-    AsyncChannel,
     ExitStatus,
     OutputReader,
     RootZygote,
@@ -59,6 +59,8 @@ function_log = logging.getLogger("hourai.function")
 # A worker's channel closes a moment before its snapshot reports the exit status; wait this
 # long for the status so the 502 can say what happened (signal, exit code, OOM).
 _EXIT_STATUS_GRACE = 0.5
+# A spare refill waits for the request that used the spare to be answered, or this long.
+REFILL_DELAY = 0.005
 
 
 class DeployError(Exception):
@@ -92,8 +94,9 @@ class RuntimeSettings:
     server_name: str = "hourai"
     cgroup_backend: str = "auto"  # auto | v2 | v1 | none
     # Our groups live at <daemon's own cgroup>/<subtree>/<tenant>; a crashed run's leftovers
-    # under the same subtree are removed at start.
-    cgroup_subtree: str = "hourai"
+    # under the same subtree are removed at start. None: a subtree private to this process
+    # (`hourai run`, benchmarks), so several can run side by side.
+    cgroup_subtree: str | None = None
     uid_range: tuple[int, int] = DEFAULT_UID_RANGE
     separate_uids: bool | None = None  # None: when running as root
     worker_nofile: int = 1024
@@ -158,13 +161,16 @@ class Runtime:
         self._tasks: set[asyncio.Task[Any]] = set()
         self.observers: list[Observer] = []
         self.started = time.time()
+        self._refills: list[tuple[SnapshotHandle, int]] = []
+        self._refill_timer: asyncio.TimerHandle | None = None
         self._own_state_dir = self.settings.state_dir is None
         self.state_dir = self.settings.state_dir or Path(tempfile.mkdtemp(prefix="hourai-"))
         self.state_dir.mkdir(parents=True, exist_ok=True)
         # Tenants must pass through to their code and temp dir, but not list anything.
         os.chmod(self.state_dir, 0o711)
         self.cgroups: CgroupBackend = detect(
-            self.settings.cgroup_backend, subtree=self.settings.cgroup_subtree
+            self.settings.cgroup_backend,
+            subtree=self.settings.cgroup_subtree or f"hourai-run-{os.getpid()}",
         )
         self.tenants = TenantDirectory(
             self.state_dir, self.settings.uid_range, separate=self.settings.separate_uids
@@ -212,6 +218,14 @@ class Runtime:
             log.warning("could not remove hourai's cgroups: %s", exc)
         if self._own_state_dir:
             shutil.rmtree(self.state_dir, ignore_errors=True)
+
+    async def drain(self, timeout: float) -> bool:
+        """Wait until no request is queued or running, up to `timeout`; True if drained.
+        (The caller stops accepting new requests first.)"""
+        deadline = self.loop.time() + timeout
+        while self.pending and self.loop.time() < deadline:
+            await asyncio.sleep(0.02)
+        return not self.pending
 
     def _spawn(self, coro: Any, what: str) -> None:
         """Every background task is owned here: kept, cancelled at stop, its failure logged."""
@@ -350,6 +364,7 @@ class Runtime:
             "gid": tenant.gid,
             "cgroup_procs": self.cgroups.procs_files(spec.tenant),
             "rlimits": {"core": 0, "nofile": self.settings.worker_nofile},
+            "concurrency": spec.limits.concurrency,
         }
 
     # ------------------------------------------------------------------ requests
@@ -376,6 +391,8 @@ class Runtime:
         self.pending.pop(pending.rid, None)
         if not pending.future.done():
             pending.future.set_result(response)
+        if self._refills:
+            self.loop.call_soon(self._flush_refills)
         if self.observers:
             seconds = time.perf_counter() - pending.t0
             for observer in self.observers:
@@ -540,9 +557,19 @@ class Runtime:
 
     # ------------------------------------------------------------------ decisions
 
+    def _flush_refills(self) -> None:
+        if self._refill_timer is not None:
+            self._refill_timer.cancel()
+            self._refill_timer = None
+        refills, self._refills = self._refills, []
+        for handle, wid in refills:
+            handle.fork(wid)
+
     def _apply(self, decisions: list[Decision]) -> None:
+        dispatched = False
         for d in decisions:
             if isinstance(d, Dispatch):
+                dispatched = True
                 pending = self.pending.get(d.request_id)
                 worker = self.workers.get(d.worker_id)
                 if pending is None or worker is None or worker.channel is None:
@@ -575,6 +602,14 @@ class Runtime:
                 self.workers[d.worker_id] = worker
                 if version is None or version.handle is None:
                     self.loop.call_soon(self._fork_failed, d.worker_id, "snapshot is gone")
+                elif dispatched:
+                    # A fork that follows a dispatch refills the spare it used: let the
+                    # request run first (on 2 cores a concurrent fork doubles its latency).
+                    self._refills.append((version.handle, d.worker_id))
+                    if self._refill_timer is None:
+                        self._refill_timer = self.loop.call_later(
+                            REFILL_DELAY, self._flush_refills
+                        )
                 else:
                     version.handle.fork(d.worker_id)
             elif isinstance(d, Kill):

@@ -201,3 +201,15 @@ def _snapshots(proc: HouraiProcess) -> list[psutil.Process]:
 
 def _workers(proc: HouraiProcess) -> list[psutil.Process]:
     return [w for s in _snapshots(proc) for w in s.children() if w.status() != "zombie"]
+
+
+@pytest.mark.parametrize("entry", ["concurrent", "concurrent_async"])
+def test_thread_mode_runs_invocations_at_once_in_one_worker(hourai_run, entry: str) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    proc = hourai_run(f"{BEHAVE}:{entry}", "--concurrency", "4", "--max-workers", "1")
+    with ThreadPoolExecutor(4) as pool:
+        replies = list(pool.map(lambda _: request(proc.port, "/?n=4"), range(4)))
+    # each call returns only once all four are inside the function together
+    assert [r.status for r in replies] == [200] * 4
+    assert len({r.json()["pid"] for r in replies}) == 1

@@ -1,20 +1,27 @@
-"""The worker's serve loop: invocations in over the channel, results out.
+"""The worker's serve loops: invocations in over the channel, results out.
 
-One invocation at a time ("process" isolation, like a Lambda instance). A function that
-raises gets a 500 with an error id; the traceback goes to this worker's output, which the
-daemon logs tagged with the function and worker, so the id finds it.
+"process" isolation (concurrency 1, like a Lambda instance): a blocking loop, one invocation
+at a time, nothing between the channel and the function. "thread" isolation (concurrency
+N > 1): the worker's own event loop reads the channel and runs up to N invocations at once,
+async functions and ASGI apps as tasks on that loop, sync ones in a pool of N threads.
+
+A function that raises gets a 500 with an error id; the traceback goes to this worker's
+output, which the daemon logs tagged with the function and worker, so the id finds it.
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
 import secrets
+import socket
 import sys
 import traceback
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from hourai.channel import BlockingChannel, ChannelClosed
-from hourai.isolate.adapters import Invoker
+from hourai.channel import AsyncChannel, BlockingChannel, ChannelClosed
+from hourai.isolate.adapters import Invoker, new_event_loop
 
 
 def serve_worker(channel: BlockingChannel, invoker: Invoker, spec: dict[str, Any]) -> None:
@@ -63,3 +70,44 @@ def error_reply(inv: dict[str, Any], exc: BaseException) -> dict[str, Any]:
         "error_id": error_id,
         "error": f"{type(exc).__name__}: {exc}",
     }
+
+
+def serve_worker_concurrent(sock: socket.socket, invoker: Invoker, concurrency: int) -> None:
+    """Thread mode: up to `concurrency` invocations at once on this worker's own loop."""
+    loop = getattr(invoker, "loop", None) or new_event_loop()
+    asyncio.set_event_loop(loop)
+    loop.set_default_executor(
+        ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="invocation")
+    )
+    me = os.getpid()
+    closed: asyncio.Future[None] = loop.create_future()
+    tasks: set[asyncio.Task[None]] = set()
+
+    async def handle(inv: dict[str, Any]) -> None:
+        try:
+            result = await invoker.invoke_async(inv)
+            reply = {
+                "t": "res",
+                "id": inv["id"],
+                "status": result["status"],
+                "headers": result["headers"],
+                "body": result["body"],
+            }
+        except Exception as exc:
+            reply = error_reply(inv, exc)
+        if os.getpid() != me:
+            os._exit(0)  # a fork of the function's, see serve_worker
+        channel.send(reply)
+
+    def on_message(msg: dict[str, Any], _fds: list[int]) -> None:
+        if msg["t"] == "inv":
+            task = loop.create_task(handle(msg))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+
+    def on_close(_reason: str) -> None:
+        if not closed.done():
+            closed.set_result(None)
+
+    channel = AsyncChannel(loop, sock, on_message, on_close)
+    loop.run_until_complete(closed)

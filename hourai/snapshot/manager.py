@@ -8,7 +8,6 @@ SCM_RIGHTS and are wrapped in :class:`AsyncChannel`.
 
 from __future__ import annotations
 
-import array
 import asyncio
 import errno
 import logging
@@ -17,144 +16,14 @@ import signal
 import socket
 import subprocess
 import sys
-from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from hourai.channel import recv_with_fds
-from hourai.protocol import FrameDecoder, Message, ProtocolError, encode
+from hourai.channel import AsyncChannel
+from hourai.protocol import Message
 
 log = logging.getLogger("hourai.snapshot")
-
-_READ_BYTES = 256 * 1024
-
-
-class AsyncChannel:
-    """The daemon end of any channel (zygote, snapshot or worker), driven by loop readers.
-
-    Messages (and the fds they declare) go to ``on_message``; ``on_close`` is called once,
-    with the reason, when the peer goes away or breaks the protocol.
-    """
-
-    __slots__ = (
-        "_closed",
-        "_decoder",
-        "_fds",
-        "_loop",
-        "_out",
-        "_with_fds",
-        "on_close",
-        "on_message",
-        "sock",
-    )
-
-    def __init__(
-        self,
-        loop: asyncio.AbstractEventLoop,
-        sock: socket.socket,
-        on_message: Callable[[Message, list[int]], None],
-        on_close: Callable[[str], None],
-        *,
-        with_fds: bool = False,
-    ) -> None:
-        sock.setblocking(False)
-        self.sock = sock
-        self.on_message = on_message
-        self.on_close = on_close
-        self._loop = loop
-        self._decoder = FrameDecoder()
-        self._fds: deque[int] = deque()
-        self._out: deque[tuple[bytes, Sequence[int]]] = deque()
-        self._with_fds = with_fds
-        self._closed = False
-        loop.add_reader(sock.fileno(), self._on_readable)
-
-    @property
-    def closed(self) -> bool:
-        return self._closed
-
-    def send(self, msg: Message, fds: Sequence[int] = ()) -> None:
-        if self._closed:
-            return
-        data = encode({**msg, "nfds": len(fds)} if fds else msg)
-        if self._out:
-            self._out.append((data, fds))
-            return
-        self._write(data, fds)
-
-    def _write(self, data: bytes, fds: Sequence[int]) -> None:
-        try:
-            if fds:
-                anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))]
-                sent = self.sock.sendmsg([data], anc)
-            else:
-                sent = self.sock.send(data)
-        except (BlockingIOError, InterruptedError):
-            sent = 0
-            if not self._out:
-                self._loop.add_writer(self.sock.fileno(), self._on_writable)
-            self._out.appendleft((data, fds))
-            return
-        except OSError as exc:
-            self.close(f"write failed: {exc.strerror}")
-            return
-        if sent < len(data):
-            # The fds went with the first byte; the rest is plain bytes.
-            if not self._out:
-                self._loop.add_writer(self.sock.fileno(), self._on_writable)
-            self._out.appendleft((data[sent:], ()))
-
-    def _on_writable(self) -> None:
-        pending, self._out = self._out, deque()
-        while pending and not self._out and not self._closed:
-            data, fds = pending.popleft()
-            self._write(data, fds)
-        if self._closed:
-            return
-        self._out.extend(pending)
-        if not self._out:
-            self._loop.remove_writer(self.sock.fileno())
-
-    def _on_readable(self) -> None:
-        try:
-            if self._with_fds:
-                data, fds = recv_with_fds(self.sock)
-                self._fds.extend(fds)
-            else:
-                data = self.sock.recv(_READ_BYTES)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError as exc:
-            self.close(f"read failed: {exc.strerror}")
-            return
-        if not data:
-            self.close("closed by peer")
-            return
-        try:
-            messages = self._decoder.feed(data)
-        except ProtocolError as exc:
-            self.close(f"protocol error: {exc}")
-            return
-        for msg in messages:
-            nfds = msg.get("nfds", 0)
-            fds = [self._fds.popleft() for _ in range(min(nfds, len(self._fds)))]
-            self.on_message(msg, fds)
-            if self._closed:
-                return
-
-    def close(self, reason: str = "closed") -> None:
-        if self._closed:
-            return
-        self._closed = True
-        fd = self.sock.fileno()
-        self._loop.remove_reader(fd)
-        if self._out:
-            self._loop.remove_writer(fd)
-        self.sock.close()
-        while self._fds:
-            os.close(self._fds.popleft())
-        self.on_close(reason)
 
 
 class OutputReader:

@@ -31,7 +31,7 @@ from hourai.channel import BlockingChannel, ChannelClosed
 from hourai.isolate import sandbox
 from hourai.isolate.adapters import Invoker, StartupError
 from hourai.isolate.loader import LoadError, Target, load
-from hourai.isolate.worker import serve_worker
+from hourai.isolate.worker import serve_worker, serve_worker_concurrent
 
 # Tenants' processes go before the daemon (0) when the host runs out of memory. Workers
 # inherit it: after dropping privileges /proc/self is root's and they cannot change it.
@@ -213,7 +213,9 @@ class Snapshot:
         started = time.perf_counter()
         try:
             target = Target(**self.spec["target"])
-            invoker = load(target, self.spec.get("kind"))
+            invoker = load(
+                target, self.spec.get("kind"), multithread=self.spec.get("concurrency", 1) > 1
+            )
             invoker.startup()
         except (LoadError, StartupError) as exc:
             self.channel.send({"t": "failed", "error": str(exc), "details": exc.details})
@@ -323,7 +325,11 @@ class Snapshot:
         # 6. the function's own per-process setup (e.g. a fresh event loop)
         assert self.invoker is not None
         self.invoker.after_fork()
-        serve_worker(BlockingChannel(worker_end), self.invoker, self.spec)
+        concurrency = self.spec.get("concurrency", 1)
+        if concurrency > 1:
+            serve_worker_concurrent(worker_end, self.invoker, concurrency)
+        else:
+            serve_worker(BlockingChannel(worker_end), self.invoker, self.spec)
 
 
 def main(argv: list[str] | None = None) -> None:

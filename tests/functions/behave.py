@@ -44,3 +44,33 @@ def handler(event, context):
             ),
         }
     return "hello from behave"
+
+
+_barrier = None
+
+
+def concurrent(event, context):
+    """Returns only when `n` invocations are inside this function at once (thread mode)."""
+    import threading
+
+    global _barrier
+    n = int((event.get("queryStringParameters") or {}).get("n", "4"))
+    if _barrier is None:
+        _barrier = threading.Barrier(n, timeout=20)
+    _barrier.wait()
+    return {"pid": os.getpid()}
+
+
+async def concurrent_async(event, context):
+    """The same for an async handler: `n` invocations awaiting together on one loop."""
+    import asyncio
+
+    global _barrier
+    n = int((event.get("queryStringParameters") or {}).get("n", "4"))
+    if _barrier is None:
+        _barrier = {"event": asyncio.Event(), "count": 0}
+    _barrier["count"] += 1
+    if _barrier["count"] >= n:
+        _barrier["event"].set()
+    await asyncio.wait_for(_barrier["event"].wait(), 20)
+    return {"pid": os.getpid()}

@@ -28,6 +28,7 @@ from hourai.channel import AsyncChannel
 from hourai.codestore import CodeStore
 from hourai.ingress import Request, Response, error_response
 from hourai.registry import FunctionSpec, default_env
+from hourai.resources import ResourceManager
 from hourai.scheduler.core import (
     BuildSnapshot,
     Decision,
@@ -40,6 +41,7 @@ from hourai.scheduler.core import (
     Reject,
     Scheduler,
 )
+from hourai.scheduler.policy import PolicyParams
 from hourai.snapshot.manager import (
     ExitStatus,
     OutputReader,
@@ -100,6 +102,9 @@ class RuntimeSettings:
     uid_range: tuple[int, int] = DEFAULT_UID_RANGE
     separate_uids: bool | None = None  # None: when running as root
     worker_nofile: int = 1024
+    # The adaptive resource policy (snapshot keep-alive, pre-warm, eviction, admission,
+    # tenant limit sizing); None: snapshots stay until removed.
+    policy: PolicyParams | None = field(default_factory=PolicyParams)
 
 
 @dataclass(eq=False)
@@ -140,6 +145,7 @@ class Version:
     handle: SnapshotHandle | None = None
     built: asyncio.Future[dict[str, Any]] | None = None
     workers_by_pid: dict[int, WorkerProc] = field(default_factory=dict)
+    build_started: float = 0.0
 
 
 class Runtime:
@@ -176,6 +182,10 @@ class Runtime:
             self.state_dir, self.settings.uid_range, separate=self.settings.separate_uids
         )
         self.codestore = CodeStore(self.state_dir / "code")
+        self.tenant_limits: dict[str, TenantLimits] = {}
+        self.resources = (
+            ResourceManager(self, self.settings.policy) if self.settings.policy else None
+        )
 
     @property
     def warnings(self) -> list[str]:
@@ -193,6 +203,8 @@ class Runtime:
             log.warning("removed cgroups left by an earlier run: %s", ", ".join(stale))
         self.zygote.on_lost = self._zygote_lost
         await self.zygote.start()
+        if self.resources is not None:
+            self._spawn(self.resources.run(), "adaptive policy")
 
     async def stop(self) -> None:
         if self._timer is not None:
@@ -256,11 +268,10 @@ class Runtime:
             and not existing.built.exception()
         ):
             self.functions[spec.name] = spec
-            self.cgroups.set_limits(spec.tenant, spec.resources or TenantLimits())
+            self._declare(spec)
             self._apply(self.scheduler.deploy(spec.name, spec.version, spec.tenant, spec.limits))
             return existing.built.result()
-        self.tenants.get(spec.tenant)
-        self.cgroups.create(spec.tenant, spec.resources or TenantLimits())
+        self._declare(spec)
         version = Version(spec, built=self.loop.create_future())
         self.versions[key] = version
         self.functions.setdefault(spec.name, spec)
@@ -273,9 +284,29 @@ class Runtime:
         self.functions[spec.name] = spec
         return info
 
+    def _declare(self, spec: FunctionSpec) -> None:
+        """The tenant exists (uid, temp dir, cgroup with the declared limits) and the policy
+        knows the function."""
+        self.tenants.get(spec.tenant)
+        limits = spec.resources or self.tenant_limits.get(spec.tenant) or TenantLimits()
+        self.cgroups.create(spec.tenant, limits)
+        self.tenant_limits[spec.tenant] = limits
+        if self.resources is not None:
+            self.resources.declare_tenant(spec.tenant, limits)
+            self.resources.register(spec.name, spec.tenant)
+
     def remove(self, name: str) -> None:
         self._apply(self.scheduler.remove(name))
         self.functions.pop(name, None)
+        if self.resources is not None:
+            self.resources.forget(name)
+
+    def prewarm(self, name: str) -> None:
+        """Build the function's snapshot ahead of its next request."""
+        self._apply(self.scheduler.prewarm(name))
+
+    def evict_idle(self, name: str, count: int, reason: str = "evicted") -> None:
+        self._apply(self.scheduler.evict_idle(name, count, reason))
 
     def unload(self, name: str, reason: str = "unloaded") -> None:
         """Stop the function's snapshot and idle workers; the next request rebuilds it."""
@@ -303,6 +334,7 @@ class Runtime:
             self._build_failed(version, SnapshotFailed(str(exc)))
             return
         version.handle = handle
+        version.build_started = self.loop.time()
         handle.on_lost = lambda reason: self._snapshot_lost(version, reason)
         self._spawn(self._await_build(version, handle), f"snapshot build {fid}")
 
@@ -324,6 +356,9 @@ class Runtime:
         )
         if version.built is not None and not version.built.done():
             version.built.set_result(info)
+        if self.resources is not None:
+            rebuild = self.loop.time() - version.build_started
+            self.resources.snapshot_built(spec.name, rebuild, handle.pid)
         self._apply(self.scheduler.snapshot_ready(spec.name, spec.version))
 
     def _build_failed(self, version: Version, exc: SnapshotFailed) -> None:
@@ -376,6 +411,16 @@ class Runtime:
         pending = Pending(
             rid, spec, request, root_path, path, self.loop.create_future(), self.loop.time()
         )
+        if self.resources is not None:
+            now = self.loop.time()
+            if (spec.name, spec.version) not in self.versions:
+                # The snapshot has to be rebuilt: only if the memory budget allows it.
+                admission = self.resources.admit(spec.name, now)
+                if not admission.ok:
+                    return error_response(
+                        503, f"{spec.name}: {admission.reason}", [("retry-after", "5")]
+                    )
+            self.resources.request_started(spec.name, now)
         self.pending[rid] = pending
         self._apply(self.scheduler.submit(rid, spec.name))
         try:
@@ -384,11 +429,17 @@ class Runtime:
             # The client went away: drop it from the queue, or let its worker finish and
             # throw the result away. Nothing else is spent on it.
             if self.pending.pop(rid, None) is not None:
+                self._request_ended(pending)
                 self._apply(self.scheduler.cancel(rid))
             raise
 
+    def _request_ended(self, pending: Pending) -> None:
+        if self.resources is not None:
+            self.resources.request_ended(pending.spec.name, self.loop.time())
+
     def _answer(self, pending: Pending, response: Response) -> None:
-        self.pending.pop(pending.rid, None)
+        if self.pending.pop(pending.rid, None) is not None:
+            self._request_ended(pending)
         if not pending.future.done():
             pending.future.set_result(response)
         if self._refills:
@@ -455,6 +506,8 @@ class Runtime:
             lambda reason: self._worker_channel_closed(worker, reason),
         )
         version.workers_by_pid[pid] = worker
+        if self.resources is not None:
+            self.resources.worker_started(worker.function, pid)
         self._apply(self.scheduler.worker_ready(wid))
 
     def _worker_message(self, worker: WorkerProc, msg: dict[str, Any]) -> None:
@@ -607,9 +660,7 @@ class Runtime:
                     # request run first (on 2 cores a concurrent fork doubles its latency).
                     self._refills.append((version.handle, d.worker_id))
                     if self._refill_timer is None:
-                        self._refill_timer = self.loop.call_later(
-                            REFILL_DELAY, self._flush_refills
-                        )
+                        self._refill_timer = self.loop.call_later(REFILL_DELAY, self._flush_refills)
                 else:
                     version.handle.fork(d.worker_id)
             elif isinstance(d, Kill):
@@ -623,6 +674,10 @@ class Runtime:
                 if version is not None and version.handle is not None:
                     version.handle.stop()
                     self.zygote.forget(version.handle.fid)
+                if self.resources is not None and not any(
+                    f == d.function for f, _ in self.versions
+                ):
+                    self.resources.snapshot_dropped(d.function, self.loop.time())
             elif isinstance(d, FunctionState):
                 log.info("%s: %s %s", d.function, d.state, d.detail)
                 for observer in self.observers:

@@ -32,6 +32,7 @@ order, so every policy runs through the same code.
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 import math
 from array import array
@@ -759,6 +760,11 @@ class KeepAlivePolicy:
         """The memory budget in bytes now (inf when neither config nor host set one)."""
         return self._budget
 
+    def set_memory_budget(self, budget_bytes: int | None) -> None:
+        """A new configured budget (a config reload); the next ``decide`` acts on it."""
+        self.params = dataclasses.replace(self.params, memory_budget_bytes=budget_bytes)
+        self._set_host_total(self._host_total)
+
     def _set_host_total(self, total: int | None) -> None:
         p = self.params
         self._host_total = total
@@ -933,7 +939,9 @@ class KeepAlivePolicy:
 
     def _unload(self, st: _Fn, out: list[Decision], reason: str) -> None:
         out.append(UnloadSnapshot(st.name, reason))
-        self._used -= self._snapshot_bytes(st) + st.idle_workers * self._worker_bytes(st)
+        self._used = max(
+            0, self._used - self._snapshot_bytes(st) - st.idle_workers * self._worker_bytes(st)
+        )
         st.loaded = False
         st.prewarmed = False
         st.idle_workers = 0
@@ -1022,7 +1030,7 @@ class KeepAlivePolicy:
             elif workers and st.idle_workers:
                 n = min(workers, st.idle_workers)
                 out.append(EvictWorkers(st.name, n, f"{why}: idle workers go before snapshots"))
-                self._used -= n * self._worker_bytes(st)
+                self._used = max(0, self._used - n * self._worker_bytes(st))
                 st.idle_workers -= n
                 self.counters["worker_evictions"] += n
 
@@ -1048,9 +1056,9 @@ class KeepAlivePolicy:
             return Admission(
                 False,
                 f"memory: {fn} needs {format_size(int(needed_bytes), exact=False)}, "
-                f"{format_size(self._used, exact=False)} of "
+                f"{format_size(max(0, self._used), exact=False)} of "
                 f"{format_size(int(budget), exact=False)} in use, only "
-                f"{format_size(int(freed), exact=False)} evictable",
+                f"{format_size(max(0, int(freed)), exact=False)} evictable",
             )
         out: list[Decision] = []
         self._apply(plan, out, f"admitting {fn}")

@@ -161,7 +161,12 @@ class SnapshotHandle:
             self.ready.set_exception(
                 SnapshotFailed(f"snapshot process ended during start ({reason})")
             )
-        elif self.ready.exception() is None and not self.stopping and self.on_lost is not None:
+        elif (
+            not self.ready.cancelled()
+            and self.ready.exception() is None
+            and not self.stopping
+            and self.on_lost is not None
+        ):
             self.on_lost(reason)
 
 

@@ -115,6 +115,10 @@ def test_cap_is_never_exceeded_and_overload_is_refused(tmp_path):
     assert result["cold_starts"] + result["rejected"] <= result["invocations"]
 
 
+@pytest.mark.skipif(
+    not (SAMPLE.parent.parent / "serverlessbench-cdfs" / "memCDF.csv").is_file(),
+    reason="the ServerlessBench CDFs (../shared/traces/serverlessbench-cdfs) are not present",
+)
 def test_missing_companion_files_are_drawn_from_the_cdfs(tmp_path):
     inv = write_trace(tmp_path, {"x": every(7), "y": every(11)}, companions=False)
     wl = build_workload(load_azure(inv), seed=4)

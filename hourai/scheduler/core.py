@@ -284,7 +284,8 @@ class _Function:
         self.snap = SNAP_BUILDING
         self.ever_ready = False  # whether the current version has served (so a loss is no refusal)
         self.live: set[str] = {version}  # versions with a snapshot process we must drop one day
-        self.per_version: dict[str, int] = {}  # workers per version, for DropSnapshot
+        # Workers per version whose snapshot is alive (not lost), for DropSnapshot.
+        self.per_version: dict[str, int] = {}
         self.workers: dict[int, _Worker] = {}
         # Ready workers of the current version with a free slot, most recently used last.
         self.free: OrderedDict[int, _Worker] = OrderedDict()
@@ -394,7 +395,7 @@ class Scheduler:
                 self._build_version(f, out, fresh=True)
         elif version == f.pending:
             pass
-        elif version in f.live and f.snap == SNAP_READY:
+        elif version in f.live:
             # A rollback to a version still draining: its snapshot is ready, use it now.
             if f.pending is not None:
                 self._drop_pending(f, out)
@@ -648,8 +649,9 @@ class Scheduler:
             f.snap = SNAP_ABSENT
             f.last_error = f"snapshot lost: {error}"
         for w in list(f.workers.values()):
-            if w.version != version:
+            if w.version != version or w.lost:
                 continue
+            self._detach(w, out)
             w.lost = True
             if w.state == STARTING:
                 self._retire_starting(w)
@@ -977,6 +979,12 @@ class Scheduler:
         self._idle.pop(wid, None)
         self._spares.pop(wid, None)
         w.armed = None
+        if not w.lost:
+            self._detach(w, out)
+
+    def _detach(self, w: _Worker, out: list[Decision]) -> None:
+        """The worker no longer depends on its snapshot (dead, or the snapshot is)."""
+        f = w.fn
         left = f.per_version[w.version] - 1
         if left:
             f.per_version[w.version] = left

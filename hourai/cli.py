@@ -140,6 +140,18 @@ def add_run_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[typ
         help="invocations one worker runs at once (default 1: process mode; >1: thread mode)",
     )
     p.add_argument(
+        "--max-requests",
+        type=int,
+        default=0,
+        metavar="N",
+        help="recycle a worker after N invocations (default 0: never)",
+    )
+    p.add_argument(
+        "--worker-memory",
+        metavar="SIZE",
+        help="recycle a worker once its resident memory passes SIZE, e.g. 256M",
+    )
+    p.add_argument(
         "--tenant", default="default", help="tenant the function runs as (default: default)"
     )
     p.add_argument("--memory", metavar="SIZE", help="tenant memory limit, e.g. 128M, 1G")
@@ -173,14 +185,30 @@ def cmd_run(args: argparse.Namespace) -> int:
     for path in args.env_file:
         env.update(read_env_file(path))
     env.update(parse_env_pairs(args.env))
-    limits = FunctionLimits(
-        timeout=args.timeout,
-        keep_alive=args.keep_alive,
-        spares=args.spares,
-        max_workers=args.max_workers,
-        concurrency=args.concurrency,
-    )
+    try:
+        limits = FunctionLimits(
+            timeout=args.timeout,
+            keep_alive=args.keep_alive,
+            spares=args.spares,
+            max_workers=args.max_workers,
+            concurrency=args.concurrency,
+            max_requests=args.max_requests,
+            max_worker_memory=parse_size_arg("--worker-memory", args.worker_memory),
+        )
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
     return run_async(serve_one(args, target, env, limits, parse_resources(args)))
+
+
+def parse_size_arg(flag: str, value: str | None) -> int | None:
+    from hourai.units import parse_size
+
+    if value is None:
+        return None
+    try:
+        return parse_size(value)
+    except ValueError as exc:
+        raise UsageError(f"{flag}: {exc}") from None
 
 
 def parse_resources(args: argparse.Namespace) -> TenantLimits | None:

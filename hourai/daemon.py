@@ -61,6 +61,7 @@ function_log = logging.getLogger("hourai.function")
 # A worker's channel closes a moment before its snapshot reports the exit status; wait this
 # long for the status so the 502 can say what happened (signal, exit code, OOM).
 _EXIT_STATUS_GRACE = 0.5
+WORKER_MEMORY_INTERVAL = 1.0
 # A spare refill waits for the request that used the spare to be answered, or this long.
 REFILL_DELAY = 0.005
 
@@ -205,6 +206,7 @@ class Runtime:
         await self.zygote.start()
         if self.resources is not None:
             self._spawn(self.resources.run(), "adaptive policy")
+        self._spawn(self._watch_worker_memory(), "worker memory watch")
 
     async def stop(self) -> None:
         if self._timer is not None:
@@ -230,6 +232,23 @@ class Runtime:
             log.warning("could not remove hourai's cgroups: %s", exc)
         if self._own_state_dir:
             shutil.rmtree(self.state_dir, ignore_errors=True)
+
+    async def _watch_worker_memory(self) -> None:
+        """Report the RSS of workers whose function caps it, so the scheduler can recycle
+        one that grew past it (the remedy for leaks). /proc/PID/statm is one small read."""
+        page = os.sysconf("SC_PAGE_SIZE")
+        while True:
+            await asyncio.sleep(WORKER_MEMORY_INTERVAL)
+            for worker in list(self.workers.values()):
+                spec = self.functions.get(worker.function)
+                if spec is None or spec.limits.max_worker_memory is None or not worker.pid:
+                    continue
+                try:
+                    with open(f"/proc/{worker.pid}/statm") as f:
+                        rss = int(f.read().split()[1]) * page
+                except (OSError, ValueError, IndexError):
+                    continue
+                self._apply(self.scheduler.worker_memory(worker.wid, rss))
 
     async def drain(self, timeout: float) -> bool:
         """Wait until no request is queued or running, up to `timeout`; True if drained.

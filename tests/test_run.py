@@ -213,3 +213,19 @@ def test_thread_mode_runs_invocations_at_once_in_one_worker(hourai_run, entry: s
     # each call returns only once all four are inside the function together
     assert [r.status for r in replies] == [200] * 4
     assert len({r.json()["pid"] for r in replies}) == 1
+
+
+def test_worker_is_recycled_after_max_requests(hourai_run) -> None:
+    proc = hourai_run(BEHAVE, "--spares", "0", "--max-requests", "2")
+    pids = [request(proc.port, "/pid").json()["pid"] for _ in range(3)]
+    assert pids[0] == pids[1] != pids[2]
+
+
+def test_worker_is_recycled_when_its_memory_grows_past_the_limit(hourai_run) -> None:
+    proc = hourai_run(f"{BEHAVE}:leaky", "--spares", "0", "--worker-memory", "64M")
+    first = request(proc.port, "/").json()
+    request(proc.port, "/")
+    request(proc.port, "/")  # now ~72 MiB held, above the limit once idle
+    wait_until(lambda: not psutil.pid_exists(first["pid"]), timeout=15)
+    again = request(proc.port, "/").json()
+    assert again["pid"] != first["pid"] and again["held_mib"] == 24

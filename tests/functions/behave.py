@@ -74,3 +74,14 @@ async def concurrent_async(event, context):
         _barrier["event"].set()
     await asyncio.wait_for(_barrier["event"].wait(), 20)
     return {"pid": os.getpid()}
+
+
+_leak: list[bytearray] = []
+
+
+def leaky(event, context):
+    """Holds on to 24 MiB more with every call (touched, so it is resident)."""
+    chunk = bytearray(24 << 20)
+    chunk[::4096] = b"x" * len(chunk[::4096])
+    _leak.append(chunk)
+    return {"pid": os.getpid(), "held_mib": 24 * len(_leak)}

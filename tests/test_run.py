@@ -229,3 +229,14 @@ def test_worker_is_recycled_when_its_memory_grows_past_the_limit(hourai_run) -> 
     wait_until(lambda: not psutil.pid_exists(first["pid"]), timeout=15)
     again = request(proc.port, "/").json()
     assert again["pid"] != first["pid"] and again["held_mib"] == 24
+
+
+def test_client_going_away_mid_request_costs_only_that_invocation(hourai_run) -> None:
+    proc = hourai_run(BEHAVE, "--spares", "0", "--max-workers", "1")
+    with socket.create_connection(("127.0.0.1", proc.port)) as s:
+        s.sendall(b"GET /sleep?s=0.5 HTTP/1.1\r\nHost: x\r\n\r\n")
+        wait_until(lambda: len(_workers(proc)) == 1)  # it reached a worker
+    # the only worker finishes (or never got) the abandoned call, then serves the next one
+    reply = request(proc.port, "/pid")
+    assert reply.status == 200
+    assert "Traceback" not in proc.log

@@ -140,6 +140,26 @@ def add_run_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[typ
         help="invocations one worker runs at once (default 1: process mode; >1: thread mode)",
     )
     p.add_argument(
+        "--rate",
+        type=float,
+        metavar="PER_SECOND",
+        help="token-bucket rate limit; beyond it requests get 429 with Retry-After",
+    )
+    p.add_argument(
+        "--queue-max",
+        type=int,
+        default=256,
+        metavar="N",
+        help="requests that may wait for a worker; beyond it 503 (default 256)",
+    )
+    p.add_argument(
+        "--queue-timeout",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
+        help="how long a request may wait for a worker before 503 (default 10)",
+    )
+    p.add_argument(
         "--max-requests",
         type=int,
         default=0,
@@ -193,6 +213,9 @@ def cmd_run(args: argparse.Namespace) -> int:
             max_workers=args.max_workers,
             concurrency=args.concurrency,
             max_requests=args.max_requests,
+            rate=args.rate,
+            queue_max=args.queue_max,
+            queue_timeout=args.queue_timeout,
             max_worker_memory=parse_size_arg("--worker-memory", args.worker_memory),
         )
     except ValueError as exc:

@@ -240,3 +240,11 @@ def test_client_going_away_mid_request_costs_only_that_invocation(hourai_run) ->
     reply = request(proc.port, "/pid")
     assert reply.status == 200
     assert "Traceback" not in proc.log
+
+
+def test_rate_limit_answers_429_with_retry_after(hourai_run) -> None:
+    proc = hourai_run(BEHAVE, "--rate", "0.5")
+    assert request(proc.port, "/pid").status == 200
+    limited = request(proc.port, "/pid")
+    assert limited.status == 429
+    assert int(limited.headers["retry-after"]) >= 1

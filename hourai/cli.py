@@ -366,6 +366,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"hourai {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     add_run_parser(sub)
+    from hourai.cli_daemon import add_daemon_parsers
+
+    add_daemon_parsers(sub)
     return parser
 
 

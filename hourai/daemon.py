@@ -27,6 +27,7 @@ from hourai.cgroup import CgroupBackend, CgroupError, TenantLimits, detect
 from hourai.channel import AsyncChannel
 from hourai.codestore import CodeStore
 from hourai.ingress import Request, Response, error_response
+from hourai.isolate import sandbox
 from hourai.registry import FunctionSpec, default_env
 from hourai.resources import ResourceManager
 from hourai.scheduler.core import (
@@ -175,6 +176,13 @@ class Runtime:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         # Tenants must pass through to their code and temp dir, but not list anything.
         os.chmod(self.state_dir, 0o711)
+        if self.settings.separate_uids is not False and os.geteuid() == 0:
+            blocked = sandbox.unreachable_ancestor(str(self.state_dir))
+            if blocked is not None:
+                raise RuntimeError(
+                    f"the state dir {self.state_dir} is out of reach of tenant uids: {blocked} "
+                    f"is not searchable by others (chmod o+x {blocked}, or pick another dir)"
+                )
         self.cgroups: CgroupBackend = detect(
             self.settings.cgroup_backend,
             subtree=self.settings.cgroup_subtree or f"hourai-run-{os.getpid()}",

@@ -144,3 +144,22 @@ def _reachable(path: str, uid: int, gid: int) -> bool:
         if parent == current:
             return True
         current = parent
+
+
+def unreachable_ancestor(path: str) -> str | None:
+    """The first directory on the way to ``path`` that a stranger may not search, if any."""
+    current = os.path.abspath(path)
+    chain = []
+    while True:
+        chain.append(current)
+        parent = os.path.dirname(current)
+        if parent == current:
+            break
+        current = parent
+    for directory in reversed(chain):
+        try:
+            if not os.stat(directory).st_mode & 0o001:
+                return directory
+        except OSError:
+            return directory
+    return None

@@ -8,7 +8,8 @@ import time
 
 
 def handler(event, context):
-    path = event["rawPath"]
+    # the last segment: the function may be mounted under a prefix (/<name>/whoami)
+    path = "/" + event["rawPath"].rsplit("/", 1)[-1]
     params = event.get("queryStringParameters") or {}
     if path == "/whoami":
         with open("/proc/self/status") as f:

@@ -5,9 +5,13 @@ For each path the client sends one request and times it to the last byte of the 
 - inline: answered by hourai's ingress itself (no worker) — the floor under ``warm``;
 - warm:   an idle worker that served before takes it;
 - spare:  a pre-forked, never-used worker takes it (a replacement is forked off the path);
+- warm-gap: warm again, after the same idle gap as the spare and fork samples (on a VM an
+  idle vCPU is slow to wake; this separates that from the start path's own cost);
 - fork:   the snapshot forks a worker for it;
 - cold:   no snapshot: the root zygote forks, the child imports the function, forks a worker;
-- python: baseline, a fresh ``python`` process imports the same function and calls it once.
+- python: baseline, a fresh ``python`` process imports the same function and calls it once;
+- fork-floor: a bare interpreter's ``os.fork()`` to the child's first byte back (no HTTP):
+  the floor under the fork path on this machine.
 
 Each response's ``X-Hourai-Start`` header is checked, so a sample is only counted for the
 path it really took.
@@ -85,6 +89,12 @@ def measure_paths(target: Path, n: int) -> dict[str, list[float]]:
             for _ in range(max(20, n // 10)):  # warm-up
                 warm.sample(path, expect)
             samples[key] = [warm.sample(path, expect) for _ in range(n * 5)]
+        # The same warm worker, but after the same idle gap the spare and fork samples get:
+        # on a VM an idle vCPU takes a while to wake, and that is not the start path's cost.
+        samples["warm-gap"] = []
+        for _ in range(n):
+            _settle()
+            samples["warm-gap"].append(warm.sample("/", "warm"))
     finally:
         warm.stop()
     spare = BenchServer(target, "--spares", "1", "--keep-alive", "0")
@@ -108,6 +118,35 @@ def measure_paths(target: Path, n: int) -> dict[str, list[float]]:
     finally:
         fork.stop()
     return samples
+
+
+FORK_FLOOR = """
+import os, sys, time
+out = []
+for _ in range(int(sys.argv[1])):
+    r, w = os.pipe()
+    t0 = time.perf_counter()
+    pid = os.fork()
+    if pid == 0:
+        os.write(w, b"x")
+        os._exit(0)
+    os.read(r, 1)
+    out.append((time.perf_counter() - t0) * 1000)
+    os.waitpid(pid, 0)
+    os.close(r)
+    os.close(w)
+    time.sleep(0.03)
+print(" ".join(map(str, out)))
+"""
+
+
+def fork_floor(n: int) -> list[float]:
+    """The floor under the fork path: a bare interpreter's os.fork() to the child's first
+    byte back, with the same idle gap between samples."""
+    out = subprocess.run(
+        [sys.executable, "-c", FORK_FLOOR, str(n)], capture_output=True, text=True, check=True
+    ).stdout
+    return [float(x) for x in out.split()]
 
 
 def fresh_python(target: Path, n: int) -> list[float]:
@@ -134,6 +173,7 @@ def run(ctx: BenchContext) -> dict:
     n = 10 if ctx.quick else 200
     samples = measure_paths(HELLO, n)
     samples["python"] = fresh_python(HELLO, max(3, n // 10))
+    samples["fork-floor"] = fork_floor(n)
     stats = {k: summarize(v) for k, v in samples.items()}
     python_p50 = stats["python"]["p50_ms"]
     added = stats["warm"]["p50_ms"] - stats["inline"]["p50_ms"]

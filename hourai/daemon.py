@@ -219,6 +219,11 @@ class Runtime:
     async def stop(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
+        if self.resources is not None and not self._own_state_dir:
+            try:
+                self.resources.save()
+            except OSError as exc:
+                log.warning("could not save the policy state: %s", exc)
         for task in list(self._tasks):
             task.cancel()
         for pending in list(self.pending.values()):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import logging
 from collections import Counter
 from typing import TYPE_CHECKING, Any
@@ -20,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 import psutil
 
 from hourai.cgroup import CgroupError, TenantLimits
+from hourai.fsutil import atomic_write
 from hourai.scheduler.policy import (
     AdaptivePolicy,
     Admission,
@@ -38,6 +40,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("hourai.policy")
 
 DECIDE_INTERVAL = 1.0
+SAVE_INTERVAL = 60.0
 # USS reads walk /proc/PID/smaps_rollup: measure a few processes per tick, not all of them.
 MEASURE_PER_TICK = 8
 
@@ -51,6 +54,8 @@ class ResourceManager:
         self._measure_queue: list[tuple[str, int, str]] = []  # (function, pid, "snapshot"|"worker")
         self._costs: dict[str, dict[str, float]] = {}
         self._unloading: set[str] = set()
+        self._path = runtime.state_dir / "policy.json"
+        self._saved = self._load()
 
     # ------------------------------------------------------------- request path (O(1))
 
@@ -78,8 +83,39 @@ class ResourceManager:
 
     # ------------------------------------------------------------- life-cycle events
 
-    def register(self, function: str, tenant: str, state: dict[str, Any] | None = None) -> None:
-        self.policy.register(function, tenant, state)
+    def register(self, function: str, tenant: str) -> None:
+        """Know the function, keeping what was learned of it: across redeploys (in memory)
+        and across restarts (``policy.json`` in the state dir)."""
+        if function in self.policy.functions():
+            state: dict[str, Any] | None = self.policy.export_state(function)
+        else:
+            state = self._saved.get(function)
+        try:
+            self.policy.register(function, tenant, state)
+        except (KeyError, TypeError, ValueError) as exc:
+            log.warning("%s: saved policy state unusable (%s); learning afresh", function, exc)
+            self.policy.register(function, tenant)
+
+    def save(self) -> None:
+        """Persist every function's learned history (small: a few KiB each)."""
+        doc = {
+            fn: self.policy.export_state(fn)
+            for fn in self.runtime.functions
+            if fn in self.policy.functions()
+        }
+        atomic_write(self._path, json.dumps(doc).encode(), mode=0o600)
+        self._saved = doc
+
+    def _load(self) -> dict[str, dict[str, Any]]:
+        try:
+            doc = json.loads(self._path.read_text())
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError) as exc:
+            # Only learned statistics: losing them costs cold starts, not functions.
+            log.warning("%s unreadable (%s): the policy starts learning afresh", self._path, exc)
+            return {}
+        return doc if isinstance(doc, dict) else {}
 
     def forget(self, function: str) -> None:
         self.policy.forget(function)
@@ -125,8 +161,15 @@ class ResourceManager:
         loop = asyncio.get_running_loop()
         # Compressed time scales (tests, experiments) shrink the bins: decide at least once a bin.
         interval = min(DECIDE_INTERVAL, self.policy.params.bin_s)
+        last_save = loop.time()
         while True:
             await asyncio.sleep(interval)
+            if loop.time() - last_save > SAVE_INTERVAL:
+                last_save = loop.time()
+                try:
+                    self.save()
+                except OSError as exc:
+                    log.warning("could not save the policy state: %s", exc)
             try:
                 self._measure()
                 for d in self.policy.decide(loop.time()):

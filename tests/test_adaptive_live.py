@@ -7,6 +7,8 @@ seconds; the processes, cgroups and measurements are real.
 from __future__ import annotations
 
 import asyncio
+import shutil
+import tempfile
 from pathlib import Path
 
 import psutil
@@ -141,3 +143,37 @@ def test_under_a_tight_budget_the_cheapest_to_rebuild_goes_first_then_work_is_re
 def _uvloop_free_policy() -> None:
     """These tests drive the runtime with asyncio.run on the default loop."""
     asyncio.set_event_loop_policy(None)
+
+
+def test_what_the_policy_learned_survives_a_restart(tmp_path) -> None:
+    state_dir = Path(tempfile.mkdtemp(prefix="hourai-test-"))
+    state_dir.chmod(0o711)
+
+    async def first_life() -> dict:
+        runtime = Runtime(RuntimeSettings(state_dir=state_dir, policy=PolicyParams(**COMPRESSED)))
+        await runtime.start()
+        try:
+            spec = await _deploy(runtime, "steady", POLICY / "cheap.py", "alpha")
+            for _ in range(6):  # idle gaps of ~3 policy minutes, recorded in the histogram
+                await runtime.invoke(spec, _request(), "", "/")
+                await asyncio.sleep(0.3)
+            await runtime.invoke(spec, _request(), "", "/")
+            return runtime.resources.policy.export_state("steady")  # type: ignore[union-attr]
+        finally:
+            await runtime.stop()
+
+    async def second_life() -> dict:
+        runtime = Runtime(RuntimeSettings(state_dir=state_dir, policy=PolicyParams(**COMPRESSED)))
+        await runtime.start()
+        try:
+            await _deploy(runtime, "steady", POLICY / "cheap.py", "alpha")
+            return runtime.resources.policy.export_state("steady")  # type: ignore[union-attr]
+        finally:
+            await runtime.stop()
+
+    try:
+        learned = asyncio.run(first_life())
+        assert learned["samples"] >= 5  # idle times it has seen
+        assert asyncio.run(second_life()) == learned
+    finally:
+        shutil.rmtree(state_dir, ignore_errors=True)

@@ -1,0 +1,58 @@
+"""The benchmark suite runs end to end in --quick mode, so it never rots."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from conftest import REPO
+
+
+def test_quick_suite_writes_results_for_every_part(tmp_path) -> None:
+    out = tmp_path / "bench"
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench",
+            "coldstart",
+            "burst",
+            "isolation",
+            "--quick",
+            "--out",
+            str(out),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    doc = json.loads((out / "results.json").read_text())
+    assert doc["machine"]["cpu_count"] and doc["machine"]["python"]
+    assert doc["machine"]["versions"]["hourai"]
+    paths = doc["parts"]["coldstart"]["paths"]
+    for path in ("inline", "warm", "warm-gap", "spare", "fork", "cold", "python", "fork-floor"):
+        assert paths[path]["n"] > 0 and paths[path]["p50_ms"] > 0
+    assert set(doc["parts"]["coldstart"]["goals"]) == {
+        "warm_added_p50_ms",
+        "spare_p50_ms",
+        "fork_p50_ms",
+        "fork_p99_ms",
+    }
+    burst = doc["parts"]["burst"]["runs"][0]
+    assert burst["all_answered"] and burst["answered_200"] == burst["requests"]
+    assert doc["parts"]["isolation"]["B alone"]["n"] > 0
+    assert "| path |" in result.stdout  # the table a reader sees
+
+
+def test_unknown_part_is_a_usage_error() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "bench", "nope"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2 and "unknown part nope" in result.stderr

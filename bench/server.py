@@ -16,6 +16,7 @@ import argparse
 import asyncio
 import sys
 
+from hourai.cgroup import TenantLimits
 from hourai.daemon import Router, Runtime, RuntimeSettings, http_handler
 from hourai.ingress import Request, Response, serve
 from hourai.isolate.loader import resolve_target
@@ -32,10 +33,25 @@ async def main(args: argparse.Namespace) -> None:
         keep_alive=args.keep_alive,
         max_workers=args.max_workers,
         queue_max=100_000,
+        timeout=args.timeout,
     )
     spec = build_spec(runtime.codestore, "fn", target, limits=limits)
     await runtime.deploy(spec)
-    forward = http_handler(runtime, Router(runtime.functions, single="fn"))
+    # More functions under /<name>/ (path routing), each with its tenant and CPU limit.
+    for extra in args.also:
+        name, path, tenant, cpu = extra.split(",")
+        resources = TenantLimits(cpu_max=float(cpu)) if cpu else None
+        await runtime.deploy(
+            build_spec(
+                runtime.codestore,
+                name,
+                resolve_target(path),
+                tenant=tenant,
+                limits=limits,
+                resources=resources,
+            )
+        )
+    forward = http_handler(runtime, Router(runtime.functions, single=None if args.also else "fn"))
     inline = Response(200, [("content-type", "text/plain")], b"hello")
 
     async def handle(request: Request) -> Response:
@@ -61,6 +77,14 @@ if __name__ == "__main__":
     parser.add_argument("--keep-alive", type=float, default=60.0)
     parser.add_argument("--max-workers", type=int, default=8)
     parser.add_argument("--preload", action="append", default=[])
+    parser.add_argument("--timeout", type=float, default=30.0)
+    parser.add_argument(
+        "--also",
+        action="append",
+        default=[],
+        metavar="NAME,PATH,TENANT,CPU",
+        help="another function under /NAME/ (CPU may be empty: no limit)",
+    )
     import uvloop
 
     uvloop.run(main(parser.parse_args()))

@@ -174,6 +174,15 @@ def add_run_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[typ
     p.add_argument(
         "--tenant", default="default", help="tenant the function runs as (default: default)"
     )
+    p.add_argument(
+        "--tenant-max-inflight",
+        type=int,
+        metavar="N",
+        help="invocations at once over all of the tenant's functions",
+    )
+    p.add_argument(
+        "--tenant-rate", type=float, metavar="PER_SECOND", help="rate limit over the tenant"
+    )
     p.add_argument("--memory", metavar="SIZE", help="tenant memory limit, e.g. 128M, 1G")
     p.add_argument("--cpu", metavar="CORES", help="tenant cpu limit in cores, e.g. 0.5")
     p.add_argument("--pids", type=int, metavar="N", help="tenant limit on processes and threads")
@@ -293,6 +302,14 @@ async def serve_one(  # type: ignore[no-untyped-def]
         for warning in runtime.warnings:
             print(f"hourai: WARNING: {warning}", file=sys.stderr, flush=True)
         await runtime.start()
+        if args.tenant_max_inflight is not None or args.tenant_rate is not None:
+            from hourai.scheduler.limits import TenantLimits as TenantCaps
+
+            try:
+                caps = TenantCaps(max_inflight=args.tenant_max_inflight, rate=args.tenant_rate)
+            except ValueError as exc:
+                raise UsageError(str(exc)) from None
+            runtime.set_tenant_caps(args.tenant, caps)
         try:
             spec = make_spec()
             info = await runtime.deploy(spec)

@@ -42,6 +42,7 @@ from hourai.scheduler.core import (
     Reject,
     Scheduler,
 )
+from hourai.scheduler.limits import TenantLimits as TenantCaps
 from hourai.scheduler.policy import PolicyParams
 from hourai.snapshot.manager import (
     ExitStatus,
@@ -332,6 +333,10 @@ class Runtime:
         self.functions.pop(name, None)
         if self.resources is not None:
             self.resources.forget(name)
+
+    def set_tenant_caps(self, tenant: str, caps: TenantCaps) -> None:
+        """Caps over all of a tenant's functions: concurrent invocations, rate."""
+        self._apply(self.scheduler.set_tenant_limits(tenant, caps))
 
     def prewarm(self, name: str) -> None:
         """Build the function's snapshot ahead of its next request."""

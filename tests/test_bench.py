@@ -17,6 +17,7 @@ def test_quick_suite_writes_results_for_every_part(tmp_path) -> None:
             "-m",
             "bench",
             "coldstart",
+            "warm",
             "burst",
             "isolation",
             "--quick",
@@ -44,6 +45,9 @@ def test_quick_suite_writes_results_for_every_part(tmp_path) -> None:
     burst = doc["parts"]["burst"]["runs"][0]
     assert burst["all_answered"] and burst["answered_200"] == burst["requests"]
     assert doc["parts"]["isolation"]["B alone"]["n"] > 0
+    servers = doc["parts"]["warm"]["servers"]
+    assert {"uvicorn/asgi", "gunicorn/wsgi", "hourai-1w/asgi", "hourai-1w/wsgi"} <= set(servers)
+    assert all(s["rps"] > 0 and s["errors"] == 0 for s in servers.values())
     assert "| path |" in result.stdout  # the table a reader sees
 
 

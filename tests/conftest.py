@@ -161,14 +161,12 @@ def pytest_runtest_logreport(report) -> None:  # type: ignore[no-untyped-def]
     if report.when != "call" and not (report.when == "setup" and report.skipped):
         return
     name = report.nodeid.split("::")[0].rsplit("/", 1)[-1]
-    if name.startswith("test_cgroup") or name in _REAL_CGROUP_FILES:
-        kind = "real" if (name in _REAL_CGROUP_FILES or "real_kernel" in report.nodeid) else "fake"
-        if name == "test_cgroup_v2.py" and kind == "fake":
-            name = "test_cgroup_v2.py (fake cgroupfs tree)"
-        elif name == "test_cgroup_v2.py":
-            name = "test_cgroup_v2.py (real cgroup2 mount)"
-        bucket = _cgroup_outcomes.setdefault(name, {})
-        bucket[report.outcome] = bucket.get(report.outcome, 0) + 1
+    if not (name.startswith("test_cgroup") or name in _REAL_CGROUP_FILES):
+        return
+    real = name in _REAL_CGROUP_FILES or "real_kernel" in report.nodeid
+    where = "REAL hierarchy" if real else "fake cgroupfs trees and layouts"
+    bucket = _cgroup_outcomes.setdefault(f"{name} [{where}]", {})
+    bucket[report.outcome] = bucket.get(report.outcome, 0) + 1
 
 
 def pytest_terminal_summary(terminalreporter) -> None:  # type: ignore[no-untyped-def]
@@ -180,6 +178,5 @@ def pytest_terminal_summary(terminalreporter) -> None:  # type: ignore[no-untype
     tr.section("cgroups: what ran against a real hierarchy")
     tr.write_line(f"this host: {detect('auto', subtree='hourai-probe').describe()}")
     for name, counts in sorted(_cgroup_outcomes.items()):
-        where = "fake tree" if "fake" in name else "REAL hierarchy"
         summary = ", ".join(f"{n} {outcome}" for outcome, n in sorted(counts.items()))
-        tr.write_line(f"  {name}: {summary} [{where}]")
+        tr.write_line(f"  {name}: {summary}")

@@ -125,7 +125,7 @@ class AsyncChannel:
         self._loop = loop
         self._decoder = FrameDecoder()
         self._fds: deque[int] = deque()
-        self._out: deque[tuple[bytes, Sequence[int]]] = deque()
+        self._out: deque[tuple[bytes, list[int]]] = deque()
         self._with_fds = with_fds
         self._closed = False
         loop.add_reader(sock.fileno(), self._on_readable)
@@ -135,15 +135,17 @@ class AsyncChannel:
         return self._closed
 
     def send(self, msg: Message, fds: Sequence[int] = ()) -> None:
+        """Send a frame; the caller may close `fds` as soon as this returns (a frame that has
+        to wait for the socket keeps duplicates of them)."""
         if self._closed:
             return
         data = encode({**msg, "nfds": len(fds)} if fds else msg)
         if self._out:
-            self._out.append((data, fds))
+            self._out.append((data, [os.dup(fd) for fd in fds]))
             return
-        self._write(data, fds)
+        self._write(data, fds, owned=False)
 
-    def _write(self, data: bytes, fds: Sequence[int]) -> None:
+    def _write(self, data: bytes, fds: Sequence[int], *, owned: bool) -> None:
         try:
             if fds:
                 anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))]
@@ -151,26 +153,31 @@ class AsyncChannel:
             else:
                 sent = self.sock.send(data)
         except (BlockingIOError, InterruptedError):
-            sent = 0
             if not self._out:
                 self._loop.add_writer(self.sock.fileno(), self._on_writable)
-            self._out.appendleft((data, fds))
+            # Queued: keep the fds alive ourselves, the caller is about to close its own.
+            self._out.appendleft((data, list(fds) if owned else [os.dup(fd) for fd in fds]))
             return
         except OSError as exc:
+            if owned:
+                _close_all(fds)
             self.close(f"write failed: {exc.strerror}")
             return
+        if owned:
+            _close_all(fds)  # they went with the first byte
         if sent < len(data):
-            # The fds went with the first byte; the rest is plain bytes.
             if not self._out:
                 self._loop.add_writer(self.sock.fileno(), self._on_writable)
-            self._out.appendleft((data[sent:], ()))
+            self._out.appendleft((data[sent:], []))
 
     def _on_writable(self) -> None:
         pending, self._out = self._out, deque()
         while pending and not self._out and not self._closed:
             data, fds = pending.popleft()
-            self._write(data, fds)
+            self._write(data, fds, owned=True)
         if self._closed:
+            for _data, fds in pending:
+                _close_all(fds)
             return
         self._out.extend(pending)
         if not self._out:
@@ -214,4 +221,14 @@ class AsyncChannel:
         self.sock.close()
         while self._fds:
             os.close(self._fds.popleft())
+        while self._out:
+            _close_all(self._out.popleft()[1])
         self.on_close(reason)
+
+
+def _close_all(fds: Sequence[int]) -> None:
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass

@@ -19,6 +19,7 @@ def test_quick_suite_writes_results_for_every_part(tmp_path) -> None:
             "coldstart",
             "warm",
             "burst",
+            "density",
             "isolation",
             "--quick",
             "--out",
@@ -45,6 +46,10 @@ def test_quick_suite_writes_results_for_every_part(tmp_path) -> None:
     burst = doc["parts"]["burst"]["runs"][0]
     assert burst["all_answered"] and burst["answered_200"] == burst["requests"]
     assert doc["parts"]["isolation"]["B alone"]["n"] > 0
+    points = doc["parts"]["density"]["points"]
+    assert [p["functions"] for p in points] == [5, 10]
+    assert all(p["hourai_pss"] > 0 and p["baseline_pss"] > 0 for p in points)
+    assert (out / "density.png").stat().st_size > 0
     servers = doc["parts"]["warm"]["servers"]
     assert {"uvicorn/asgi", "gunicorn/wsgi", "hourai-1w/asgi", "hourai-1w/wsgi"} <= set(servers)
     assert all(s["rps"] > 0 and s["errors"] == 0 for s in servers.values())

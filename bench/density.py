@@ -12,8 +12,10 @@ from __future__ import annotations
 import asyncio
 import json
 import resource
+import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -96,7 +98,7 @@ def run(ctx: BenchContext) -> dict:
     steps = [5, 10] if ctx.quick else [100, 250, 500, 1000]
     _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # ~3 fds per function
-    code_root = ctx.path("density-functions")
+    code_root = Path(tempfile.mkdtemp(prefix="hourai-density-"))
     for i in range(steps[-1]):
         d = code_root / f"f{i}"
         d.mkdir(parents=True, exist_ok=True)
@@ -160,6 +162,7 @@ def run(ctx: BenchContext) -> dict:
             p.kill()
         for p in baseline:
             p.wait()
+        shutil.rmtree(code_root, ignore_errors=True)
     rows = [
         [
             p["functions"],

@@ -20,6 +20,7 @@ path it really took.
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
 import time
@@ -169,6 +170,72 @@ def fresh_python(target: Path, n: int) -> list[float]:
     return out
 
 
+FLASK = REPO / "examples" / "flask_app" / "app.py"
+FASTAPI = REPO / "examples" / "fastapi_app" / "app.py"
+# (label, app, framework module to preload, uvicorn --interface)
+APPS = [("flask", FLASK, "flask", "wsgi"), ("fastapi", FASTAPI, "fastapi", "asgi3")]
+
+
+def measure_app(target: Path, preload: str | None, n: int) -> dict[str, list[float]]:
+    """The import-heavy case: fork and cold paths of a real framework app."""
+    args = ["--spares", "0", "--keep-alive", "0"] + (["--preload", preload] if preload else [])
+    server = BenchServer(target, *args)
+    try:
+        fork, cold = [], []
+        for _ in range(n):
+            _settle()
+            fork.append(server.sample("/", "fork"))
+            _settle()
+            cold.append(server.sample("/__cold", "cold"))
+    finally:
+        server.stop()
+    return {"fork": fork, "cold": cold}
+
+
+def uvicorn_per_request(target: Path, interface: str, n: int) -> list[float]:
+    """Baseline: uvicorn started for the request: process start, import, first response."""
+    out = []
+    for _ in range(n):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "uvicorn",
+                "--interface",
+                interface,
+                "--log-level",
+                "error",
+                "--app-dir",
+                str(target.parent),
+                "app:app",
+                "--port",
+                str(port),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            cwd=REPO,
+        )
+        try:
+            while True:
+                try:
+                    status = Client(port, timeout=5).get("/")[0]
+                    if status == 200:
+                        break
+                except OSError:
+                    if proc.poll() is not None:
+                        raise RuntimeError("uvicorn exited") from None
+                    time.sleep(0.002)
+            out.append((time.perf_counter() - t0) * 1000)
+        finally:
+            proc.kill()
+            proc.wait()
+    return out
+
+
 def run(ctx: BenchContext) -> dict:
     n = 10 if ctx.quick else 200
     samples = measure_paths(HELLO, n)
@@ -194,6 +261,73 @@ def run(ctx: BenchContext) -> dict:
     for k, v in verdicts.items():
         met = "met" if v["met"] else "NOT met"
         print(f"goal {k}: {v['measured']:.3f} ms vs <= {v['goal']} ms: {met}")
-    result = {"function": str(HELLO.relative_to(REPO)), "paths": stats, "goals": verdicts}
+    apps: dict[str, dict] = {}
+    m = 3 if ctx.quick else 20
+    rows = []
+    for label, app, framework, interface in APPS:
+        runs = {
+            "preloaded": measure_app(app, framework, m),
+            "not preloaded": measure_app(app, None, m),
+        }
+        base = summarize(uvicorn_per_request(app, interface, max(2, m // 4)))
+        apps[label] = {"uvicorn_per_request": base}
+        rows.append([label, "uvicorn per request", base["p50_ms"], base["p99_ms"], 1.0])
+        for how, paths in runs.items():
+            for path, xs in paths.items():
+                st = summarize(xs)
+                apps[label][f"{path} ({how})"] = st
+                rows.append(
+                    [
+                        label,
+                        f"{path} ({how})",
+                        st["p50_ms"],
+                        st["p99_ms"],
+                        base["p50_ms"] / st["p50_ms"],
+                    ]
+                )
+    print()
+    print(table(["app", "path", "p50 ms", "p99 ms", "x faster than uvicorn per request"], rows))
+    flask_cold = apps["flask"]["cold (preloaded)"]["p50_ms"]
+    flask_base = apps["flask"]["uvicorn_per_request"]["p50_ms"]
+    verdicts["flask_cold_10x"] = {
+        "measured": flask_base / flask_cold,
+        "goal": 10.0,
+        "met": flask_base / flask_cold >= 10,
+    }
+    print(
+        f"goal flask cold (preloaded) >= 10x a fresh interpreter: "
+        f"{flask_base / flask_cold:.1f}x: {'met' if flask_base >= 10 * flask_cold else 'NOT met'}"
+    )
+    _plot(samples, ctx.path("coldstart.png"))
+    result = {
+        "function": str(HELLO.relative_to(REPO)),
+        "paths": stats,
+        "apps": apps,
+        "goals": verdicts,
+    }
     ctx.path("coldstart.json").write_text(json.dumps({**result, "samples_ms": samples}) + "\n")
     return result
+
+
+def _plot(samples: dict[str, list[float]], path: Path) -> None:
+    """Latency distribution per start path (log scale), one box each."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    order = [
+        k
+        for k in ("inline", "warm", "warm-gap", "spare", "fork", "fork-floor", "cold", "python")
+        if k in samples
+    ]
+    fig, ax = plt.subplots(figsize=(8, 4))
+    ax.boxplot([samples[k] for k in order], whis=(1, 99), showfliers=False)
+    ax.set_xticks(range(1, len(order) + 1), order)
+    ax.set_yscale("log")
+    ax.set_ylabel("latency, ms (box: quartiles; whiskers: p1-p99)")
+    ax.set_title("examples/hello over HTTP, by start path")
+    ax.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -50,6 +50,7 @@ def test_worker_runs_confined_as_its_tenant(hourai_run) -> None:
     assert me["core"] == [0, 0]
     assert me["nofile"][0] <= 1024
     assert me["sys_path_ok"] == "wave"  # the interpreter's library stays importable
+    assert me["idna"] == "xn--bcher-kva.example"  # ... and so do lazily loaded submodules
     # only what the function was given: no daemon variables
     assert "PYTEST_CURRENT_TEST" not in me["env"] and "HOME" in me["env"]
     tmpdir = Path(me["tmpdir"])

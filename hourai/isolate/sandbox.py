@@ -113,6 +113,7 @@ def keep_sys_path_reachable(uid: int, gid: int) -> None:
     are world-readable like any Python install. Only the library dirs get such an fd, and
     they hold nothing another tenant could not read on a normal install.
     """
+    moved: dict[str, str] = {}
     for i, entry in enumerate(sys.path):
         if not entry or not os.path.isdir(entry) or _reachable(entry, uid, gid):
             continue
@@ -120,7 +121,19 @@ def keep_sys_path_reachable(uid: int, gid: int) -> None:
             fd = os.open(entry, os.O_PATH | os.O_DIRECTORY)
         except OSError:
             continue
-        sys.path[i] = f"/proc/self/fd/{fd}"
+        moved[entry.rstrip("/")] = sys.path[i] = f"/proc/self/fd/{fd}"
+    # Packages imported already (encodings, email, ...) find their submodules through their
+    # own __path__, not sys.path: point those through the same descriptors.
+    for module in list(sys.modules.values()):
+        paths = getattr(module, "__path__", None)
+        if not isinstance(paths, list):
+            continue
+        for j, p in enumerate(paths):
+            for old, new in moved.items():
+                if p == old or p.startswith(old + "/"):
+                    paths[j] = new + p[len(old):]
+                    break
+    sys.path_importer_cache.clear()
     importlib.invalidate_caches()
 
 

@@ -28,6 +28,8 @@ def handler(event, context):
             "nofile": resource.getrlimit(resource.RLIMIT_NOFILE),
             "cgroups": cgroups,
             "sys_path_ok": __import__("wave").__name__,  # a stdlib module nobody preloads
+            # a submodule of a package imported before the privilege drop (encodings)
+            "idna": "bücher.example".encode("idna").decode(),
         }
     if path == "/write":
         target = os.path.join(os.environ["TMPDIR"], params.get("name", "secret.txt"))

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import sys
 
 from hourai.cgroup import TenantLimits
@@ -59,6 +60,7 @@ async def main(args: argparse.Namespace) -> None:
             return inline
         if request.path.startswith("/__cold"):
             runtime.unload("fn", "benchmark: measure the cold path")
+            request = dataclasses.replace(request, path="/", target="/")
         return await forward(request)
 
     server = await serve(handle, "127.0.0.1", 0)

@@ -1,289 +1,542 @@
-"""`hourai daemon` and the commands that drive it through its control socket.
+"""`hourai daemon` and the commands that drive it through the control API.
 
-Exit codes: 0 done; 1 refused or failed (the daemon said why); 2 usage error; 3 no daemon.
+Exit status of the client commands: 0 done; 1 the daemon refused or the function failed
+(its reason on stderr); 2 a usage error; 3 no daemon could be reached. ``--json`` prints the
+daemon's answer as JSON for scripts, on success and on refusal alike.
+
+The client commands import nothing of the daemon, so they start as fast as Python does.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
-import tomllib
 from pathlib import Path
 from typing import Any
 
-from hourai.cli import UsageError, parse_env_pairs, read_env_file, run_async
-from hourai.client import ApiFailure, Client, DaemonUnreachable
-from hourai.config import ConfigError, default_socket, load_config
+from hourai.cli import UsageError, parse_env_pairs, read_env_file
 
-EXIT_FAILED = 1
-EXIT_UNREACHABLE = 3
+EXIT_REFUSED = 1
+EXIT_NO_DAEMON = 3
 
 
 def add_daemon_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    p = sub.add_parser("daemon", help="run the multi-function daemon (the systemd service)")
-    p.add_argument("--config", type=Path, help="TOML config file")
-    p.add_argument("--state-dir", type=Path, help="overrides state_dir")
-    p.add_argument("--listen", action="append", metavar="HOST:PORT", help="overrides listen")
-    p.add_argument("--socket", type=Path, help="overrides control_socket")
-    p.add_argument("-v", "--verbose", action="store_true")
+    """Register daemon, deploy, ls, show, rm, invoke, logs, stats and rollback."""
+    p = sub.add_parser(
+        "daemon",
+        help="run the multi-function service (what systemd starts)",
+        description="Serve every deployed function; take commands on the control socket.",
+    )
+    p.add_argument(
+        "--config",
+        type=Path,
+        default=os.environ.get("HOURAI_CONFIG") or None,
+        metavar="FILE",
+        help="TOML config file (default: $HOURAI_CONFIG; none: built-in defaults)",
+    )
+    p.add_argument("--state-dir", type=Path, metavar="DIR", help="overrides state_dir")
+    p.add_argument(
+        "--listen",
+        action="append",
+        metavar="HOST:PORT",
+        help="overrides listen (repeatable; port 0 picks a free one)",
+    )
+    p.add_argument("--socket", type=Path, metavar="PATH", help="overrides socket")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     p.set_defaults(func=cmd_daemon)
 
-    def client_parser(name: str, help: str) -> argparse.ArgumentParser:
-        c = sub.add_parser(name, help=help)
-        c.add_argument(
-            "--socket",
-            type=Path,
-            help="control socket (default: $HOURAI_SOCKET or /var/lib/hourai/control.sock)",
-        )
-        c.add_argument("--json", action="store_true", help="print the daemon's JSON answer")
-        return c
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--socket",
+        metavar="PATH",
+        help="the daemon's control socket (default: $HOURAI_SOCKET, else "
+        "$STATE_DIRECTORY/control.sock or /var/lib/hourai/control.sock)",
+    )
+    common.add_argument("--json", action="store_true", help="print JSON for scripts")
 
-    d = client_parser("deploy", "deploy a function (a file or a directory)")
-    d.add_argument("name")
-    d.add_argument("path")
-    d.add_argument("--entry", help="ATTR or MODULE:ATTR inside PATH")
-    d.add_argument("--kind", choices=["handler", "asgi", "wsgi"])
-    d.add_argument("--tenant")
-    d.add_argument("--memory", help="tenant memory limit, e.g. 128M")
-    d.add_argument("--cpu", help="tenant cpu limit in cores")
-    d.add_argument("--pids", type=int, help="tenant process limit")
-    d.add_argument("--timeout", type=float)
-    d.add_argument("--concurrency", type=int)
-    d.add_argument("--max-workers", type=int)
-    d.add_argument("--min-warm", type=int, help="workers kept ready (pre-forked spares)")
-    d.add_argument("--env", action="append", default=[], metavar="KEY=VALUE")
-    d.add_argument("--env-file", action="append", default=[], metavar="FILE")
-    d.set_defaults(func=cmd_deploy)
+    p = sub.add_parser(
+        "deploy",
+        parents=[common],
+        help="deploy a function (a new version, or new limits for the same code)",
+        description="Deploy PATH (a .py file or a directory) as function NAME. Options may "
+        "also come from a hourai.toml beside the code; flags win over it.",
+    )
+    p.add_argument("name", metavar="NAME", help="the function's name (its URL prefix)")
+    p.add_argument("path", metavar="PATH", help="a .py file or a directory, on this host")
+    p.add_argument(
+        "--entry", metavar="ATTR", help="attribute to call (for a directory: MODULE[:ATTR])"
+    )
+    p.add_argument("--kind", choices=["handler", "asgi", "wsgi"], help="default: detected")
+    p.add_argument("--tenant", help="the tenant it runs as (default: [defaults] tenant)")
+    p.add_argument("--memory", metavar="SIZE", help="the tenant's memory limit, e.g. 256M")
+    p.add_argument("--cpu", metavar="CORES", help="the tenant's CPU quota, e.g. 0.5")
+    p.add_argument("--pids", type=int, metavar="N", help="the tenant's process limit")
+    p.add_argument("--timeout", type=float, metavar="SECONDS", help="invocation timeout")
+    p.add_argument("--concurrency", type=int, metavar="N", help="invocations per worker")
+    p.add_argument("--max-workers", type=int, metavar="N", help="workers at most")
+    p.add_argument(
+        "--min-warm", type=int, metavar="N", help="workers kept warm, also across restarts"
+    )
+    p.add_argument("--spares", type=int, metavar="N", help="pre-forked idle workers")
+    p.add_argument("--keep-alive", type=float, metavar="SECONDS", help="idle worker lifetime")
+    p.add_argument("--queue-max", type=int, metavar="N", help="requests waiting at most")
+    p.add_argument("--queue-timeout", type=float, metavar="SECONDS", help="longest wait")
+    p.add_argument("--rate", type=float, metavar="PER_SECOND", help="rate limit")
+    p.add_argument("--burst", type=int, metavar="N", help="rate limit bucket size")
+    p.add_argument("--max-inflight", type=int, metavar="N", help="concurrent invocations")
+    p.add_argument("--max-requests", type=int, metavar="N", help="recycle after N invocations")
+    p.add_argument("--worker-memory", metavar="SIZE", help="recycle a worker above SIZE")
+    p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--env-file", action="append", default=[], metavar="FILE")
+    p.set_defaults(func=cmd_deploy)
 
-    client_parser("ls", "list deployed functions").set_defaults(func=cmd_ls)
-    s = client_parser("show", "one function: versions, workers, policy")
-    s.add_argument("name")
-    s.set_defaults(func=cmd_show)
-    r = client_parser("rm", "remove a function")
-    r.add_argument("name")
-    r.set_defaults(func=cmd_rm)
-    i = client_parser("invoke", "call a function once and print its answer")
-    i.add_argument("name")
-    src = i.add_mutually_exclusive_group()
-    src.add_argument("--data", help="JSON request body")
-    src.add_argument("--event", type=Path, help="file holding the JSON request body ('-': stdin)")
-    i.add_argument("--path", default="/", help="request path (default /)")
-    i.set_defaults(func=cmd_invoke)
-    lg = client_parser("logs", "a function's output")
-    lg.add_argument("name")
-    lg.add_argument("-f", "--follow", action="store_true")
-    lg.set_defaults(func=cmd_logs)
-    client_parser("stats", "workers, requests, start paths, memory").set_defaults(func=cmd_stats)
-    rb = client_parser("rollback", "serve an earlier version again")
-    rb.add_argument("name")
-    rb.add_argument("version", nargs="?")
-    rb.set_defaults(func=cmd_rollback)
+    p = sub.add_parser("ls", parents=[common], help="list the functions")
+    p.set_defaults(func=cmd_ls)
+
+    p = sub.add_parser("show", parents=[common], help="one function: versions, limits, state")
+    p.add_argument("name", metavar="NAME")
+    p.set_defaults(func=cmd_show)
+
+    p = sub.add_parser("rm", parents=[common], help="remove a function and its history")
+    p.add_argument("name", metavar="NAME")
+    p.set_defaults(func=cmd_rm)
+
+    p = sub.add_parser(
+        "invoke",
+        parents=[common],
+        help="call a function once and print its answer",
+        description="Call NAME once. The body is --data, or stdin with '-'; or give a whole "
+        "API Gateway HTTP API (2.0) event with --event FILE ('-': stdin), as in a Lambda "
+        "test event. Exit status 1 if the answer is an HTTP error.",
+    )
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("stdin", nargs="?", choices=["-"], help="read the body from stdin")
+    p.add_argument("--data", metavar="JSON", help="the request body")
+    p.add_argument("--event", metavar="FILE", help="an API Gateway 2.0 event ('-': stdin)")
+    p.add_argument("--path", default="/", help="request path (default /)")
+    p.add_argument("--method", help="default: POST with a body, else GET")
+    p.add_argument(
+        "-H", "--header", action="append", default=[], metavar="NAME:VALUE", help="(repeatable)"
+    )
+    p.set_defaults(func=cmd_invoke)
+
+    p = sub.add_parser("logs", parents=[common], help="a function's output")
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("-n", "--lines", type=int, default=100, metavar="N", help="(default 100)")
+    p.add_argument("-f", "--follow", action="store_true", help="keep printing new lines")
+    p.set_defaults(func=cmd_logs)
+
+    p = sub.add_parser("stats", parents=[common], help="workers, requests, latency, memory")
+    p.set_defaults(func=cmd_stats)
+
+    p = sub.add_parser("rollback", parents=[common], help="serve an earlier version again")
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("version", metavar="VERSION", nargs="?", help="default: the one before")
+    p.set_defaults(func=cmd_rollback)
+
+
+# ---------------------------------------------------------------------- hourai daemon
 
 
 def cmd_daemon(args: argparse.Namespace) -> int:
+    from hourai.cli import run_async
+    from hourai.config import ConfigError, load_config
     from hourai.logs import setup_daemon_logging
     from hourai.service import run_daemon
 
+    overrides: dict[str, Any] = {
+        "state_dir": args.state_dir,
+        "listen": args.listen,
+        "socket": args.socket,
+    }
     try:
-        config = load_config(
-            args.config, state_dir=args.state_dir, listen=args.listen, control_socket=args.socket
-        )
+        config = load_config(args.config, **overrides)
     except ConfigError as exc:
         raise UsageError(str(exc)) from None
-    setup_daemon_logging(config.log_format, args.verbose)
-    return run_async(run_daemon(config, args.config))
+    level = 10 if args.verbose else config.log_level
+    setup_daemon_logging(level, config.log.format, access=config.log.access)
+    return run_async(run_daemon(config, overrides))
 
 
-# ------------------------------------------------------------------------- client side
+# ---------------------------------------------------------------------- the client side
 
 
-def _client(args: argparse.Namespace) -> Client:
-    return Client(args.socket or default_socket())
+def _client(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    from hourai.client import Client
+
+    if args.socket:
+        return Client(args.socket)
+    env = os.environ.get("HOURAI_SOCKET")
+    if env:
+        return Client(env)
+    state = os.environ.get("STATE_DIRECTORY", "").split(":")[0] or "/var/lib/hourai"
+    return Client(Path(state) / "control.sock")
 
 
-def _call(args: argparse.Namespace, method: str, path: str, body: Any = None) -> Any:
+def _run(args: argparse.Namespace, call) -> int:  # type: ignore[no-untyped-def]
+    """Call the daemon; map its refusals and absence to exit statuses."""
+    from hourai.client import ApiFailure, ClientError
+
     try:
-        return _client(args).call(method, path, body)
-    except DaemonUnreachable as exc:
+        call()
+    except ClientError as exc:
         print(f"hourai: error: {exc}", file=sys.stderr)
-        raise SystemExit(EXIT_UNREACHABLE) from None
+        return EXIT_NO_DAEMON
     except ApiFailure as exc:
-        if getattr(args, "json", False):
-            print(json.dumps(exc.doc, indent=2))
-        else:
-            print(f"hourai: error: {exc}", file=sys.stderr)
-            if exc.doc.get("details"):
-                print(exc.doc["details"].rstrip(), file=sys.stderr)
-        raise SystemExit(EXIT_FAILED if exc.status >= 422 or exc.status == 404 else 2) from None
-
-
-def _out(args: argparse.Namespace, doc: Any, text: str) -> int:
-    print(json.dumps(doc, indent=2, default=str) if args.json else text)
+        if args.json:
+            print(json.dumps({"status": exc.status, **exc.doc}, indent=2))
+        print(f"hourai: error: {exc}", file=sys.stderr)
+        details = str(exc.doc.get("details") or "").rstrip()
+        if details and details != str(exc):
+            print(details, file=sys.stderr)
+        if exc.doc.get("serving"):
+            print(f"hourai: version {exc.doc['serving']} keeps serving", file=sys.stderr)
+        return EXIT_REFUSED
     return 0
 
 
-def _function_toml(path: Path) -> dict[str, Any]:
-    """Deploy settings from a hourai.toml in the function's directory (flags win)."""
-    directory = path if path.is_dir() else path.parent
-    file = directory / "hourai.toml"
-    if not file.is_file():
-        return {}
-    try:
-        doc = tomllib.loads(file.read_text())
-    except tomllib.TOMLDecodeError as exc:
-        raise UsageError(f"{file}: {exc}") from None
-    known = {
-        "entry",
-        "kind",
-        "tenant",
-        "memory",
-        "cpu",
-        "pids",
-        "timeout",
-        "concurrency",
-        "max_workers",
-        "min_warm",
-        "env",
-    }
-    unknown = set(doc) - known
-    if unknown:
-        raise UsageError(f"{file}: unknown key {sorted(unknown)[0]!r}")
-    return doc
+def _print_json(doc: Any) -> None:
+    print(json.dumps(doc, indent=2, sort_keys=True))
 
 
 def cmd_deploy(args: argparse.Namespace) -> int:
-    path = Path(args.path).resolve()
-    if not path.exists():
-        raise UsageError(f"no such file or directory: {args.path}")
-    toml = _function_toml(path)
-
-    def pick(flag: str) -> Any:
-        value = getattr(args, flag)
-        return value if value is not None else toml.get(flag)
-
-    env = {str(k): str(v) for k, v in (toml.get("env") or {}).items()}
-    for f in args.env_file:
-        env.update(read_env_file(f))
+    env: dict[str, str] = {}
+    for path in args.env_file:
+        env.update(read_env_file(path))
     env.update(parse_env_pairs(args.env))
-    limits = {
-        k: pick(k)
-        for k in ("timeout", "concurrency", "max_workers", "min_warm")
-        if pick(k) is not None
+    options: dict[str, Any] = {
+        "entry": args.entry,
+        "kind": args.kind,
+        "tenant": args.tenant,
+        "memory": args.memory,
+        "cpu": args.cpu,
+        "pids": args.pids,
+        "timeout": args.timeout,
+        "concurrency": args.concurrency,
+        "max_workers": args.max_workers,
+        "min_warm": args.min_warm,
+        "spares": args.spares,
+        "keep_alive": args.keep_alive,
+        "queue_max": args.queue_max,
+        "queue_timeout": args.queue_timeout,
+        "rate": args.rate,
+        "burst": args.burst,
+        "max_inflight": args.max_inflight,
+        "max_requests": args.max_requests,
+        "worker_memory": args.worker_memory,
+        "env": env or None,
     }
-    body = {
-        "name": args.name,
-        "path": str(path),
-        "entry": pick("entry"),
-        "kind": pick("kind"),
-        "tenant": pick("tenant"),
-        "env": env,
-        "limits": limits,
-        "resources": {"memory": pick("memory"), "cpu": pick("cpu"), "pids": pick("pids")},
-    }
-    doc = _call(args, "POST", "/functions", body)
-    return _out(
-        args,
-        doc,
-        f"deployed {doc['name']} version {doc['version']}: {doc['kind']} {doc['attr']!r}, "
-        f"tenant {doc['tenant']}, snapshot built in {doc['init_ms']:.0f} ms",
-    )
+    options = {k: v for k, v in options.items() if v is not None}
+
+    def call() -> None:
+        doc = _client(args).deploy(args.name, args.path, os.getcwd(), options)
+        if args.json:
+            _print_json(doc)
+            return
+        detected = f"{doc['kind']} {doc['attr']!r} ({doc['module']})"
+        if doc["unchanged"]:
+            print(
+                f"{doc['name']}: version {doc['version']} is already serving (same code); "
+                "limits applied"
+            )
+            return
+        previous = f" (was {doc['previous']})" if doc.get("previous") else ""
+        print(f"deployed {doc['name']} version {doc['version']}{previous}")
+        limits = f", {doc['tenant_limits']}" if doc.get("tenant_limits") else ""
+        warm = f", {doc['min_warm']} kept warm" if doc.get("min_warm") else ""
+        print(
+            f"  {detected} from {doc['source']}, tenant {doc['tenant']}{limits}{warm}; "
+            f"snapshot built in {doc['init_ms']:.0f} ms"
+        )
+
+    return _run(args, call)
+
+
+def _table(rows: list[list[str]], header: list[str]) -> None:
+    widths = [len(h) for h in header]
+    for row in rows:
+        widths = [max(w, len(c)) for w, c in zip(widths, row, strict=True)]
+    for row in [header, *rows]:
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
-    doc = _call(args, "GET", "/functions")
-    rows = [f"{'NAME':24} {'VERSION':12} {'TENANT':12} {'STATE':10} {'WORKERS':>7}  SOURCE"]
-    for f in doc["functions"]:
-        rows.append(
-            f"{f['name']:24} {f['version']:12} {f['tenant']:12} {f['state']:10} "
-            f"{f['workers']:>7}  {f['source']}"
-        )
-    return _out(args, doc, "\n".join(rows))
+    def call() -> None:
+        doc = _client(args).functions()
+        if args.json:
+            _print_json(doc)
+            return
+        rows = []
+        for f in doc["functions"]:
+            workers = f"{f.get('workers', 0)}" + (f" ({f['busy']} busy)" if f.get("busy") else "")
+            rows.append(
+                [
+                    f["name"],
+                    f.get("version") or "-",
+                    f.get("tenant") or "-",
+                    f.get("kind") or "-",
+                    f["state"],
+                    workers,
+                    str(f.get("requests", 0)),
+                ]
+            )
+        if not rows:
+            print("no functions deployed (hourai deploy NAME PATH)")
+            return
+        _table(rows, ["NAME", "VERSION", "TENANT", "KIND", "STATE", "WORKERS", "REQUESTS"])
+
+    return _run(args, call)
+
+
+def _ago(ts: float | None) -> str:
+    if not ts:
+        return "-"
+    s = max(0.0, time.time() - ts)
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if s >= size:
+            return f"{s / size:.0f}{unit} ago"
+    return f"{s:.0f}s ago"
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    doc = _call(args, "GET", f"/functions/{args.name}")
-    lines = [f"{doc['name']}: active version {doc['active']}"]
-    for v in doc["versions"]:
-        mark = "*" if v["version"] == doc["active"] else " "
-        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(v["created"]))
-        lines.append(f" {mark} {v['version']}  {when}  {v['source']}  tenant {v['tenant']}")
-    sched = doc.get("scheduler")
-    if sched:
-        lines.append(
-            f"state {sched['state']}; workers {sched['workers']}; starts {sched['starts']}"
-        )
-    policy = doc.get("policy")
-    if policy:
-        w = policy.get("windows", {})
-        lines.append(
-            f"snapshot keep-alive {w.get('keep_alive_s', 0):.0f}s, pre-warm after "
-            f"{w.get('prewarm_s', 0):.0f}s ({w.get('source')}); actions {policy.get('actions')}"
-        )
-    return _out(args, doc, "\n".join(lines))
+    def call() -> None:
+        doc = _client(args).show(args.name)
+        if args.json:
+            _print_json(doc)
+            return
+        print(f"{doc['name']}: {doc['state']}, version {doc.get('active') or '-'}")
+        for key in ("tenant", "code", "tenant_limits", "min_warm", "restore_error", "limits_error"):
+            if doc.get(key) not in (None, ""):
+                print(f"  {key.replace('_', ' ')}: {doc[key]}")
+        if doc.get("env"):
+            print(f"  env: {', '.join(doc['env'])}")
+        if doc.get("limits"):
+            lim = doc["limits"]
+            print("  limits: " + ", ".join(f"{k}={v}" for k, v in lim.items() if v is not None))
+        st = doc.get("scheduler")
+        if st:
+            w = st["workers"]
+            print(
+                f"  snapshot {st['snapshot']}; workers: "
+                + ", ".join(f"{n} {k}" for k, n in w.items() if n)
+                + (" (none)" if not any(w.values()) else "")
+            )
+            print(
+                f"  starts: {', '.join(f'{k} {n}' for k, n in st['starts'].items())}; "
+                f"queued {st['queued']}, in flight {st['inflight']}"
+            )
+            if st.get("last_error"):
+                print(f"  last error: {st['last_error']}")
+        req = doc.get("requests")
+        if req and req["requests"]:
+            lat = req["latency_ms"]
+            by_status = ", ".join(f"{k} {n}" for k, n in req["by_status"].items())
+            print(
+                f"  requests: {req['requests']} ({by_status}); "
+                f"latency p50 {lat['p50']} ms, p99 {lat['p99']} ms"
+            )
+        print("  versions:")
+        for v in doc["versions"]:
+            mark = "*" if v["active"] else " "
+            note = f"  {v['error']}" if v.get("error") else ""
+            print(
+                f"   {mark} {v['version']}  {v['status']:<11} {v.get('kind') or '-':<7} "
+                f"{v['source']}  deployed {_ago(v['deployed_at'])}{note}"
+            )
+
+    return _run(args, call)
 
 
 def cmd_rm(args: argparse.Namespace) -> int:
-    doc = _call(args, "DELETE", f"/functions/{args.name}")
-    return _out(args, doc, f"removed {args.name}")
+    def call() -> None:
+        doc = _client(args).remove(args.name)
+        if args.json:
+            _print_json(doc)
+        elif doc.get("set_aside"):
+            print(f"removed {args.name}; its corrupt record was moved to {doc['set_aside']}")
+        else:
+            print(f"removed {args.name} ({doc.get('versions', 0)} versions)")
+
+    return _run(args, call)
 
 
 def cmd_invoke(args: argparse.Namespace) -> int:
-    body: Any = ""
-    if args.data is not None:
-        raw = args.data
-    elif args.event is not None:
-        raw = sys.stdin.read() if str(args.event) == "-" else args.event.read_text()
-    else:
-        raw = None
-    if raw is not None:
+    given = sum(x is not None for x in (args.data, args.event, args.stdin))
+    if given > 1:
+        raise UsageError("give at most one of --data, --event and -")
+    request: dict[str, Any] = {"path": args.path}
+    if args.method:
+        request["method"] = args.method
+    headers = []
+    for h in args.header:
+        name, sep, value = h.partition(":")
+        if not sep or not name.strip():
+            raise UsageError(f"--header takes NAME:VALUE, got {h!r}")
+        headers.append([name.strip(), value.strip()])
+    if headers:
+        request["headers"] = headers
+    if args.event is not None:
         try:
-            body = json.loads(raw)
+            text = sys.stdin.read() if args.event == "-" else Path(args.event).read_text()
+            request["event"] = json.loads(text)
+        except OSError as exc:
+            raise UsageError(f"cannot read {args.event}: {exc.strerror}") from None
         except ValueError as exc:
-            raise UsageError(f"the event is not JSON: {exc}") from None
-    doc = _call(args, "POST", f"/functions/{args.name}/invoke", {"body": body, "path": args.path})
-    if args.json:
-        print(json.dumps(doc, indent=2))
-    else:
-        print(doc["body"])
-    return 0 if doc["status"] < 400 else EXIT_FAILED
+            raise UsageError(f"{args.event} is not JSON: {exc}") from None
+    elif args.data is not None:
+        request["body"] = args.data
+    elif args.stdin:
+        request["body"] = sys.stdin.read()
+    if "body" in request and not any(h[0].lower() == "content-type" for h in headers):
+        try:
+            json.loads(request["body"])
+        except ValueError:
+            headers.append(["content-type", "text/plain; charset=utf-8"])
+            request["headers"] = headers
+    status = 0
+
+    def call() -> None:
+        nonlocal status
+        doc = _client(args).invoke(args.name, request)
+        if args.json:
+            _print_json(doc)
+        else:
+            if "body_base64" in doc:
+                import base64
+
+                sys.stdout.buffer.write(base64.b64decode(doc["body_base64"]))
+            else:
+                body = doc.get("body", "")
+                sys.stdout.write(body if body.endswith("\n") or not body else body + "\n")
+            sys.stdout.flush()
+        if doc["status"] >= 400:
+            print(f"hourai: {args.name} answered {doc['status']}", file=sys.stderr)
+            status = EXIT_REFUSED
+
+    return _run(args, call) or status
 
 
 def cmd_logs(args: argparse.Namespace) -> int:
-    offset = 0
-    while True:
-        doc = _call(args, "GET", f"/logs/{args.name}?offset={offset}")
+    if args.lines < 0:
+        raise UsageError("--lines must be 0 or more")
+
+    def call() -> None:
+        client = _client(args)
+        doc = client.logs(args.name, lines=args.lines)
+        _emit_logs(args, doc)
+        if not args.follow:
+            return
+        cursor = doc["cursor"]
+        try:
+            while True:
+                doc = client.logs(args.name, cursor=cursor, wait=25)
+                _emit_logs(args, doc)
+                cursor = doc["cursor"]
+        except KeyboardInterrupt:
+            return
+
+    return _run(args, call)
+
+
+def _emit_logs(args: argparse.Namespace, doc: dict[str, Any]) -> None:
+    if args.json:
+        print(json.dumps(doc), flush=True)
+    elif doc["text"]:
         sys.stdout.write(doc["text"])
         sys.stdout.flush()
-        offset = doc["offset"]
-        if not args.follow:
-            return 0
-        time.sleep(0.5)
+
+
+def _size(n: int | None) -> str:
+    if n is None:
+        return "-"
+    for unit, size in (("G", 1 << 30), ("M", 1 << 20), ("K", 1 << 10)):
+        if n >= size:
+            return f"{n / size:.1f}{unit}"
+    return f"{n}B"
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
-    doc = _call(args, "GET", "/stats")
-    lines = [f"cgroups: {doc['cgroups']}"]
-    lines += [f"WARNING: {w}" for w in doc["warnings"]]
-    for name, st in sorted(doc["functions"].items()):
-        pol = st.get("policy", {}).get("windows", {})
-        lines.append(
-            f"{name}: {st['state']}, workers {st['workers']}, queued {st['queued']}, "
-            f"starts {st['starts']}, rejections {st['rejections']}"
-            + (f", snapshot keep-alive {pol.get('keep_alive_s', 0):.0f}s" if pol else "")
+    def call() -> None:
+        doc = _client(args).stats()
+        if args.json:
+            _print_json(doc)
+            return
+        host = doc["host"]
+        print(
+            f"host: {host['workers']} workers, {host['functions']} functions, "
+            f"up {host['uptime_s']:.0f}s; {host['cgroups']}"
         )
-    for tenant, usage in sorted(doc["tenants"].items()):
-        if "memory_current" in usage:
-            lines.append(
-                f"tenant {tenant}: memory {usage['memory_current'] >> 20} MiB "
-                f"(peak {usage['memory_peak'] >> 20} MiB), cpu {usage['cpu_usec'] / 1e6:.1f}s, "
-                f"pids {usage['pids']}, oom kills {usage['oom_kills']}"
+        for warning in host.get("warnings", []):
+            print(f"  WARNING: {warning}")
+        rows = []
+        for name, f in sorted(doc["functions"].items()):
+            w = f["workers"]
+            lat = f["latency_ms"]
+            rows.append(
+                [
+                    name,
+                    f["tenant"],
+                    f["state"],
+                    "/".join(str(w.get(k, 0)) for k in ("spare", "idle", "busy")),
+                    str(f["requests"]),
+                    "/".join(str(f["starts"].get(k, 0)) for k in ("warm", "spare", "fork", "cold")),
+                    "-" if lat["p50"] is None else f"{lat['p50']:.2f}",
+                    "-" if lat["p99"] is None else f"{lat['p99']:.2f}",
+                    _size(f.get("memory_pss")),
+                ]
             )
-    return _out(args, doc, "\n".join(lines))
+        if rows:
+            print()
+            _table(
+                rows,
+                [
+                    "FUNCTION",
+                    "TENANT",
+                    "STATE",
+                    "SPARE/IDLE/BUSY",
+                    "REQUESTS",
+                    "WARM/SPARE/FORK/COLD",
+                    "P50MS",
+                    "P99MS",
+                    "PSS",
+                ],
+            )
+        rows = []
+        for name, t in sorted(doc["tenants"].items()):
+            rows.append(
+                [
+                    name,
+                    str(t.get("uid", "-")),
+                    str(t["functions"]),
+                    _size(t.get("memory_current")),
+                    _size(t.get("memory_peak")),
+                    "-" if "cpu_usec" not in t else f"{t['cpu_usec'] / 1e6:.2f}s",
+                    str(t.get("pids", "-")),
+                    str(t.get("oom_kills", "-")),
+                    t.get("limits", "-"),
+                ]
+            )
+        if rows:
+            print()
+            _table(
+                rows,
+                ["TENANT", "UID", "FUNCTIONS", "MEMORY", "PEAK", "CPU", "PIDS", "OOM", "LIMITS"],
+            )
+
+    return _run(args, call)
 
 
 def cmd_rollback(args: argparse.Namespace) -> int:
-    body = {"version": args.version} if args.version else {}
-    doc = _call(args, "POST", f"/functions/{args.name}/rollback", body)
-    return _out(args, doc, f"{doc['name']} now serves version {doc['version']}")
+    def call() -> None:
+        doc = _client(args).rollback(args.name, args.version)
+        if args.json:
+            _print_json(doc)
+        elif doc.get("unchanged"):
+            print(f"{args.name}: version {doc['version']} is already serving")
+        else:
+            print(f"{args.name}: now serving version {doc['version']} (was {doc['previous']})")
+
+    return _run(args, call)

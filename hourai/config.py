@@ -1,176 +1,553 @@
-"""The daemon's configuration: a TOML file, checked key by key, with flags on top.
+"""The daemon's configuration: a TOML file, checked whole before anything starts.
 
-Every key has a default (the README's configuration table lists them); an unknown key or a
-bad value is refused at start with the key named, so a typo never silently falls back to a
-default.
+Every key has a default (the README's table lists them all); an unknown key or a bad value
+is refused with the key named (``[defaults] timeout: must be greater than 0, got -1``), at
+start and on a SIGHUP reload alike, so a typo never silently becomes a default.
+
+Function options (timeout, memory, min_warm, ...) have one schema, :data:`FUNCTION_OPTIONS`,
+shared by the config's ``[defaults]`` table, a function's ``hourai.toml``, the control API
+and ``hourai deploy``'s flags: one spelling and one meaning everywhere.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
+import logging
+import math
 import os
 import tomllib
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from hourai.cgroup import CgroupError, TenantLimits, is_valid_name
+from hourai.registry import check_name
+from hourai.scheduler.core import FunctionLimits
 from hourai.tenants import DEFAULT_UID_RANGE
-from hourai.units import parse_size
+from hourai.units import parse_cpus, parse_size
 
 DEFAULT_STATE_DIR = Path("/var/lib/hourai")
+SOCKET_NAME = "control.sock"
+# sockaddr_un.sun_path is 108 bytes including the terminating NUL.
+MAX_SOCKET_PATH = 107
+KINDS = ("handler", "asgi", "wsgi")
+LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
 class ConfigError(Exception):
-    """A configuration problem; the message names the key and what is accepted."""
+    """A bad configuration; the message names the file and the key."""
+
+
+def default_state_dir(environ: Mapping[str, str] | None = None) -> Path:
+    """$STATE_DIRECTORY (set by systemd's StateDirectory=) or /var/lib/hourai."""
+    env = os.environ if environ is None else environ
+    given = env.get("STATE_DIRECTORY", "")
+    # systemd joins several StateDirectory= entries with ':'; the first is ours.
+    first = given.split(":")[0]
+    return Path(first) if first else DEFAULT_STATE_DIR
+
+
+def default_socket(environ: Mapping[str, str] | None = None) -> Path:
+    """Where clients look for the daemon: $HOURAI_SOCKET, else the default state dir's."""
+    env = os.environ if environ is None else environ
+    given = env.get("HOURAI_SOCKET", "")
+    return Path(given) if given else default_state_dir(env) / SOCKET_NAME
+
+
+# ---------------------------------------------------------------------- value checkers
+
+
+def _int(low: int | None = None) -> Callable[[Any], int]:
+    def check(value: Any) -> int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+                value = int(value)
+            else:
+                raise ValueError(f"must be an integer, got {value!r}")
+        if low is not None and value < low:
+            raise ValueError(f"must be at least {low}, got {value}")
+        return value
+
+    return check
+
+
+def _float(low: float = 0.0, *, strict: bool = True) -> Callable[[Any], float]:
+    def check(value: Any) -> float:
+        if isinstance(value, bool):
+            raise ValueError(f"must be a number, got {value!r}")
+        if isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                raise ValueError(f"must be a number, got {value!r}") from None
+        if not isinstance(value, int | float) or not math.isfinite(value):
+            raise ValueError(f"must be a number, got {value!r}")
+        if value < low or (strict and value == low):
+            relation = "greater than" if strict else "at least"
+            raise ValueError(f"must be {relation} {low:g}, got {value:g}")
+        return float(value)
+
+    return check
+
+
+def _size(value: Any) -> int:
+    n = parse_size(value)
+    if n < 1:
+        raise ValueError(f"must be above 0, got {value!r}")
+    return n
+
+
+def _cpus(value: Any) -> float:
+    return parse_cpus(value)
+
+
+def _str(value: Any) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"must be a string, got {value!r}")
+    return value
+
+
+def _bool(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"must be true or false, got {value!r}")
+    return value
+
+
+def _choice(*choices: str) -> Callable[[Any], str]:
+    def check(value: Any) -> str:
+        if value not in choices:
+            raise ValueError(f"must be one of {', '.join(choices)}, got {value!r}")
+        return str(value)
+
+    return check
+
+
+def _tenant(value: Any) -> str:
+    return check_name(_str(value), "tenant name")
+
+
+def _env(value: Any) -> dict[str, str]:
+    if not isinstance(value, Mapping):
+        raise ValueError(f'must be a table of NAME = "value", got {value!r}')
+    out = {}
+    for key, item in value.items():
+        if not isinstance(key, str) or not key or "=" in key or "\0" in key:
+            raise ValueError(f"bad variable name {key!r}")
+        if not isinstance(item, str) or "\0" in item:
+            raise ValueError(f"{key}: the value must be a string, got {item!r}")
+        out[key] = item
+    return out
 
 
 @dataclass(frozen=True)
-class FunctionDefaults:
-    """Limits a deploy gets unless it says otherwise."""
+class Option:
+    parse: Callable[[Any], Any]
+    default: Any
+    doc: str
 
-    timeout: float = 30.0
-    keep_alive: float = 60.0
-    spares: int = 1
-    max_workers: int = 8
-    concurrency: int = 1
-    queue_max: int = 256
-    queue_timeout: float = 10.0
+
+# The one schema of function options. Sizes and CPU amounts are kept as given to the user
+# in messages but normalised to bytes and cores here.
+FUNCTION_OPTIONS: dict[str, Option] = {
+    "timeout": Option(_float(), 30.0, "seconds an invocation may run; then 504 and a new worker"),
+    "keep_alive": Option(_float(strict=False), 60.0, "seconds an idle worker lives"),
+    "spares": Option(_int(0), 1, "pre-forked idle workers kept ready"),
+    "max_workers": Option(_int(1), 8, "workers of the function at most"),
+    "concurrency": Option(
+        _int(1), 1, "invocations one worker runs at once (1: process mode; >1: thread mode)"
+    ),
+    "max_inflight": Option(
+        _int(1), None, "concurrent invocations (unset: max_workers x concurrency)"
+    ),
+    "queue_max": Option(_int(0), 256, "requests that may wait for a worker; beyond it 503"),
+    "queue_timeout": Option(_float(), 10.0, "seconds a request may wait for a worker; then 503"),
+    "max_requests": Option(_int(0), 0, "recycle a worker after N invocations (0: never)"),
+    "worker_memory": Option(_size, None, "recycle a worker whose resident memory passes SIZE"),
+    "rate": Option(_float(), None, "token-bucket rate limit in requests per second; beyond it 429"),
+    "burst": Option(_int(1), None, "token-bucket size (unset: the rate rounded up)"),
+    "min_warm": Option(
+        _int(0), 0, "workers kept warm (ready before the daemon reports ready after a restart)"
+    ),
+    "memory": Option(_size, None, "the tenant's memory limit (its cgroup's memory maximum)"),
+    "cpu": Option(_cpus, None, "the tenant's CPU quota in cores"),
+    "pids": Option(_int(1), None, "the tenant's limit on processes and threads"),
+}
+# What a deploy may say beyond the limits (in hourai.toml, flags and the API).
+DEPLOY_KEYS: dict[str, Callable[[Any], Any]] = {
+    "entry": _str,
+    "kind": _choice(*KINDS),
+    "tenant": _tenant,
+    "env": _env,
+}
+
+
+def parse_function_options(
+    values: Mapping[str, Any], where: str, *, deploy_keys: bool = True
+) -> dict[str, Any]:
+    """Check ``values`` against the option schema; returns them normalised.
+
+    ``where`` prefixes every message (``"hourai.toml"``, ``"[defaults]"``). Unknown keys are
+    refused; ``None`` values are dropped (JSON clients may send them for "not given").
+    ``deploy_keys=False`` (the config's [defaults]) allows ``tenant`` but not entry, kind
+    or env, which belong to one function.
+    """
+    extra = DEPLOY_KEYS if deploy_keys else {"tenant": DEPLOY_KEYS["tenant"]}
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        if value is None:
+            continue
+        parse = FUNCTION_OPTIONS[key].parse if key in FUNCTION_OPTIONS else extra.get(key)
+        if parse is None:
+            known = ", ".join(sorted([*FUNCTION_OPTIONS, *extra]))
+            raise ConfigError(f"{where}: unknown key {key!r} (known: {known})")
+        try:
+            out[key] = parse(value)
+        except (ValueError, CgroupError) as exc:
+            raise ConfigError(f"{where} {key}: {exc}") from None
+    return out
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What a function runs with: the scheduler's limits, its tenant's, and min_warm."""
+
+    function: FunctionLimits
+    tenant: TenantLimits | None
+    min_warm: int
+
+
+def effective_limits(defaults: Mapping[str, Any], options: Mapping[str, Any]) -> Limits:
+    """The defaults overlaid with a function's own options (both already parsed).
+
+    ``min_warm`` is carried out as spares: ``spares = max(spares, min_warm)`` pre-forked
+    workers are kept ready while the function's snapshot is loaded, which is what a warm
+    worker is. Raises ConfigError naming the conflict.
+    """
+    merged = {k: o.default for k, o in FUNCTION_OPTIONS.items()}
+    merged.update({k: v for k, v in defaults.items() if k in FUNCTION_OPTIONS})
+    merged.update({k: v for k, v in options.items() if k in FUNCTION_OPTIONS})
+    min_warm = merged["min_warm"]
+    spares = max(merged["spares"], min_warm)
+    if spares > merged["max_workers"]:
+        what = "min_warm" if min_warm > merged["spares"] else "spares"
+        raise ConfigError(f"{what} ({spares}) cannot exceed max_workers ({merged['max_workers']})")
+    try:
+        function = FunctionLimits(
+            max_workers=merged["max_workers"],
+            concurrency=merged["concurrency"],
+            max_inflight=merged["max_inflight"],
+            queue_max=merged["queue_max"],
+            queue_timeout=merged["queue_timeout"],
+            timeout=merged["timeout"],
+            keep_alive=merged["keep_alive"],
+            spares=spares,
+            max_requests=merged["max_requests"],
+            max_worker_memory=merged["worker_memory"],
+            rate=merged["rate"],
+            burst=merged["burst"],
+        )
+        tenant = None
+        if any(merged[k] is not None for k in ("memory", "cpu", "pids")):
+            tenant = TenantLimits(
+                memory_max=merged["memory"], cpu_max=merged["cpu"], pids_max=merged["pids"]
+            )
+    except (ValueError, CgroupError) as exc:
+        raise ConfigError(str(exc)) from None
+    return Limits(function, tenant, min_warm)
+
+
+# ---------------------------------------------------------------------- the daemon's config
+
+
+@dataclass(frozen=True)
+class Address:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+def parse_address(value: Any) -> Address:
+    """``HOST:PORT`` (``[::1]:8080`` for IPv6); port 0 picks a free one."""
+    text = _str(value).strip()
+    host, sep, port = text.rpartition(":")
+    if not sep or not host:
+        raise ValueError(f"expected HOST:PORT, e.g. 127.0.0.1:8080, got {text!r}")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ValueError(f"{host!r} is not an IPv6 address") from None
+    elif ":" in host:
+        raise ValueError(f"write an IPv6 address in brackets, e.g. [::1]:8080, got {text!r}")
+    if not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"bad port {port!r} in {text!r}: expected 0-65535")
+    return Address(host, int(port))
+
+
+def _addresses(value: Any) -> tuple[Address, ...]:
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list):
+        raise ValueError(f'must be a list of "HOST:PORT" strings, got {value!r}')
+    return tuple(parse_address(item) for item in items)
+
+
+def _optional_address(value: Any) -> Address | None:
+    return parse_address(value) if _str(value).strip() else None
+
+
+def _uid_range(value: Any) -> tuple[int, int]:
+    if (
+        not isinstance(value, list)
+        or len(value) != 2
+        or not all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+    ):
+        raise ValueError(f"must be [FIRST, LAST], two integers, got {value!r}")
+    lo, hi = value
+    if not 1 <= lo <= hi < 2**32 - 1:
+        raise ValueError(f"need 1 <= FIRST <= LAST, got {value!r}")
+    return (lo, hi)
+
+
+def _modules(value: Any) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+        raise ValueError(f"must be a list of module names, got {value!r}")
+    for name in value:
+        if not all(part.isidentifier() for part in name.split(".")):
+            raise ValueError(f"{name!r} is not a module name")
+    return tuple(value)
+
+
+def _subtree(value: Any) -> str:
+    name = _str(value)
+    if not is_valid_name(name):
+        raise ValueError(
+            f"{name!r} is not a valid cgroup name: 1-63 of a-z, 0-9, '_', '.', '-', "
+            "starting with a letter or digit"
+        )
+    return name
+
+
+def _group(value: Any) -> str:
+    name = _str(value)
+    if name:
+        import grp
+
+        try:
+            grp.getgrnam(name)
+        except KeyError:
+            raise ValueError(f"no such group {name!r}") from None
+    return name
+
+
+def _path(value: Any) -> Path | None:
+    text = _str(value)
+    if not text:
+        return None
+    path = Path(text)
+    if not path.is_absolute():
+        raise ValueError(f"must be an absolute path, got {text!r}")
+    return path
+
+
+def _optional(parse: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    def check(value: Any) -> Any:
+        if isinstance(value, str) and not value:
+            return None
+        return parse(value)
+
+    return check
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    format: str = "text"
+    level: str = "info"
+    access: bool = True
+    function_max_size: int = 10 << 20
+    function_files: int = 5
 
 
 @dataclass(frozen=True)
 class Config:
-    listen: tuple[str, ...] = ("127.0.0.1:8080",)
-    state_dir: Path = DEFAULT_STATE_DIR
-    control_socket: Path | None = None  # None: <state_dir>/control.sock
+    listen: tuple[Address, ...] = (Address("127.0.0.1", 8080),)
+    domain: str | None = None
+    state_dir: Path = field(default_factory=default_state_dir)
+    socket: Path | None = None  # None: <state_dir>/control.sock
+    socket_group: str = ""
+    metrics_listen: Address | None = None
     cgroup_backend: str = "auto"
     cgroup_subtree: str = "hourai"
     uid_range: tuple[int, int] = DEFAULT_UID_RANGE
     preload: tuple[str, ...] = ()
     memory_budget: int | None = None
-    domain: str | None = None
-    log_format: str = "text"
+    max_host_workers: int | None = None
+    adaptive: bool = True
     drain_timeout: float = 30.0
-    defaults: FunctionDefaults = field(default_factory=FunctionDefaults)
+    deploy_timeout: float = 120.0
+    ready_timeout: float = 300.0
+    keep_versions: int = 10
+    log: LogConfig = field(default_factory=LogConfig)
+    defaults: Mapping[str, Any] = field(default_factory=dict)
+    source: Path | None = None  # the file it came from
 
     @property
     def socket_path(self) -> Path:
-        return self.control_socket or self.state_dir / "control.sock"
+        return self.socket or self.state_dir / SOCKET_NAME
 
-    def listen_addresses(self) -> list[tuple[str, int]]:
-        return [parse_listen(a) for a in self.listen]
+    @property
+    def log_level(self) -> int:
+        return int(logging.getLevelName(self.log.level.upper()))
 
+    def function_defaults(self) -> dict[str, Any]:
+        """Every function option with its value here (the schema's default where unset)."""
+        out = {k: o.default for k, o in FUNCTION_OPTIONS.items()}
+        out.update(self.defaults)
+        return out
 
-def default_state_dir() -> Path:
-    # systemd's StateDirectory= hands us our dir in $STATE_DIRECTORY.
-    env = os.environ.get("STATE_DIRECTORY")
-    return Path(env.split(":")[0]) if env else DEFAULT_STATE_DIR
-
-
-def default_socket() -> Path:
-    env = os.environ.get("HOURAI_SOCKET")
-    return Path(env) if env else default_state_dir() / "control.sock"
-
-
-def parse_listen(value: str) -> tuple[str, int]:
-    host, sep, port = value.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise ConfigError(f"listen: {value!r} is not HOST:PORT (e.g. 127.0.0.1:8080)")
-    return host.strip("[]"), int(port)
+    @property
+    def default_tenant(self) -> str:
+        return str(self.defaults.get("tenant", "default"))
 
 
-def load_config(path: Path | None, **overrides: Any) -> Config:
-    """The file's settings (or the defaults), then every override that is not None."""
-    raw: dict[str, Any] = {}
-    if path is not None:
-        try:
-            raw = tomllib.loads(path.read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"config file {path} does not exist") from None
-        except (OSError, tomllib.TOMLDecodeError) as exc:
-            raise ConfigError(f"config file {path}: {exc}") from None
-    config = _from_table(raw)
-    if "state_dir" not in raw and overrides.get("state_dir") is None:
-        config = dataclasses.replace(config, state_dir=default_state_dir())
-    changes = {k: v for k, v in overrides.items() if v is not None}
-    if "listen" in changes:
-        changes["listen"] = tuple(changes["listen"])
-        for a in changes["listen"]:
-            parse_listen(a)
-    return dataclasses.replace(config, **changes)
-
-
-_TYPES: dict[str, type | tuple[type, ...]] = {
-    "listen": list,
-    "state_dir": str,
-    "control_socket": str,
-    "cgroup_backend": str,
-    "cgroup_subtree": str,
-    "uid_range": list,
-    "preload": list,
-    "memory_budget": (str, int),
-    "domain": str,
-    "log_format": str,
-    "drain_timeout": (int, float),
-    "defaults": dict,
+# key -> (parser, documentation); the README's reference table follows this order.
+TOP_KEYS: dict[str, tuple[Callable[[Any], Any], str]] = {
+    "listen": (_addresses, "HTTP addresses for function traffic"),
+    "domain": (_optional(lambda v: _str(v).strip(".").lower()), "route NAME.DOMAIN to NAME"),
+    "state_dir": (_path, "registry, code store, logs, tenant temp dirs"),
+    "socket": (_path, "control API socket"),
+    "socket_group": (_group, "group allowed to use the control socket"),
+    "metrics_listen": (_optional_address, "extra TCP address serving /metrics and /healthz"),
+    "cgroup_backend": (_choice("auto", "v2", "v1", "none"), "cgroup backend"),
+    "cgroup_subtree": (_subtree, "directory under the daemon's cgroup that holds tenant groups"),
+    "uid_range": (_uid_range, "uids given to tenants when running as root"),
+    "preload": (_modules, "modules the root zygote imports once for every snapshot"),
+    "memory_budget": (_optional(_size), "memory for snapshots and workers"),
+    "max_host_workers": (_int(1), "workers over all functions at most"),
+    "adaptive": (_bool, "run the adaptive keep-alive / eviction policy"),
+    "drain_timeout": (_float(strict=False), "seconds SIGTERM waits for in-flight requests"),
+    "deploy_timeout": (_float(), "seconds a snapshot may take to build before a deploy fails"),
+    "ready_timeout": (_float(), "seconds start may spend restoring before reporting ready"),
+    "keep_versions": (_int(1), "versions of each function kept for rollback"),
+}
+LOG_KEYS: dict[str, tuple[Callable[[Any], Any], str]] = {
+    "format": (_choice("text", "json"), "daemon log format"),
+    "level": (_choice(*LOG_LEVELS), "daemon log level"),
+    "access": (_bool, "one log line per request"),
+    "function_max_size": (_size, "size at which a function's log file is rotated"),
+    "function_files": (_int(1), "rotated log files kept per function"),
 }
 
 
-def _from_table(raw: dict[str, Any]) -> Config:
-    unknown = sorted(set(raw) - set(_TYPES))
-    if unknown:
-        raise ConfigError(f"unknown key {unknown[0]!r}; known keys: {', '.join(sorted(_TYPES))}")
+def parse_config(data: Mapping[str, Any], source: str = "config") -> Config:
+    """A Config from parsed TOML; ConfigError names the first bad or unknown key."""
+    values: dict[str, Any] = {}
+    for key, raw in data.items():
+        if key == "log":
+            values["log"] = _parse_log(raw, source)
+        elif key == "defaults":
+            if not isinstance(raw, Mapping):
+                raise ConfigError(f"{source}: [defaults] must be a table")
+            parsed = parse_function_options(raw, f"{source}: [defaults]", deploy_keys=False)
+            try:
+                effective_limits(parsed, {})
+            except ConfigError as exc:
+                raise ConfigError(f"{source}: [defaults]: {exc}") from None
+            values["defaults"] = parsed
+        elif key in TOP_KEYS:
+            parse = TOP_KEYS[key][0]
+            try:
+                value = parse(raw)
+            except (ValueError, CgroupError) as exc:
+                raise ConfigError(f"{source}: {key}: {exc}") from None
+            if value is not None:
+                values[key] = value
+        else:
+            known = ", ".join([*TOP_KEYS, "[log]", "[defaults]"])
+            raise ConfigError(f"{source}: unknown key {key!r} (known: {known})")
+    config = Config(**values)
+    check_socket_path(config.socket_path, source)
+    return config
+
+
+def check_socket_path(path: Path, source: str = "config") -> None:
+    if len(os.fsencode(str(path))) > MAX_SOCKET_PATH:
+        raise ConfigError(
+            f"{source}: socket: {path} is longer than the {MAX_SOCKET_PATH} bytes a unix "
+            "socket path may have; set socket to a shorter path"
+        )
+
+
+def _parse_log(raw: Any, source: str) -> LogConfig:
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{source}: [log] must be a table")
+    values = {}
     for key, value in raw.items():
-        if not isinstance(value, _TYPES[key]) or isinstance(value, bool):
-            raise ConfigError(f"{key}: {value!r} has the wrong type")
-    kw: dict[str, Any] = {}
-    if "listen" in raw:
-        kw["listen"] = tuple(str(a) for a in raw["listen"])
-        for a in kw["listen"]:
-            parse_listen(a)
-        if not kw["listen"]:
-            raise ConfigError("listen: give at least one HOST:PORT")
-    for key in ("state_dir", "control_socket"):
-        if key in raw:
-            kw[key] = Path(raw[key])
-    if "cgroup_backend" in raw:
-        if raw["cgroup_backend"] not in ("auto", "v2", "v1", "none"):
-            raise ConfigError("cgroup_backend: choose auto, v2, v1 or none")
-        kw["cgroup_backend"] = raw["cgroup_backend"]
-    if "cgroup_subtree" in raw:
-        kw["cgroup_subtree"] = raw["cgroup_subtree"]
-    if "uid_range" in raw:
-        r = raw["uid_range"]
-        if len(r) != 2 or not all(isinstance(x, int) for x in r) or not 0 < r[0] <= r[1]:
-            raise ConfigError("uid_range: give [FIRST, LAST] with 0 < FIRST <= LAST")
-        kw["uid_range"] = (r[0], r[1])
-    if "preload" in raw:
-        kw["preload"] = tuple(str(m) for m in raw["preload"])
-    if "memory_budget" in raw:
+        if key not in LOG_KEYS:
+            raise ConfigError(
+                f"{source}: [log]: unknown key {key!r} (known: {', '.join(LOG_KEYS)})"
+            )
         try:
-            kw["memory_budget"] = parse_size(raw["memory_budget"])
+            values[key] = LOG_KEYS[key][0](value)
         except ValueError as exc:
-            raise ConfigError(f"memory_budget: {exc}") from None
-    if "domain" in raw:
-        kw["domain"] = raw["domain"]
-    if "log_format" in raw:
-        if raw["log_format"] not in ("text", "json"):
-            raise ConfigError("log_format: choose text or json")
-        kw["log_format"] = raw["log_format"]
-    if "drain_timeout" in raw:
-        if raw["drain_timeout"] < 0:
-            raise ConfigError("drain_timeout: must be >= 0 seconds")
-        kw["drain_timeout"] = float(raw["drain_timeout"])
-    if "defaults" in raw:
-        kw["defaults"] = _defaults(raw["defaults"])
-    return Config(**kw)
+            raise ConfigError(f"{source}: [log] {key}: {exc}") from None
+    return LogConfig(**values)
 
 
-def _defaults(table: dict[str, Any]) -> FunctionDefaults:
-    fields = {f.name: f.type for f in dataclasses.fields(FunctionDefaults)}
-    for key, value in table.items():
-        if key not in fields:
-            raise ConfigError(f"unknown key 'defaults.{key}'; known: {', '.join(fields)}")
-        want = int if fields[key] in ("int", int) else (int, float)
-        if isinstance(value, bool) or not isinstance(value, want) or value < 0:
-            raise ConfigError(f"defaults.{key}: {value!r} must be a non-negative number")
-    return FunctionDefaults(**table)
+def load_config(
+    path: Path | None,
+    *,
+    state_dir: Path | None = None,
+    listen: list[str] | None = None,
+    socket: Path | None = None,
+) -> Config:
+    """Read the TOML file (None: defaults only) and apply command-line overrides."""
+    data: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        source = str(path)
+        try:
+            with open(path, "rb") as f:
+                data = tomllib.load(f)
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} does not exist") from None
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    config = parse_config(data, source)
+    changes: dict[str, Any] = {"source": path}
+    if state_dir is not None:
+        changes["state_dir"] = state_dir.absolute()
+    if listen:
+        try:
+            changes["listen"] = _addresses(listen)
+        except ValueError as exc:
+            raise ConfigError(f"--listen: {exc}") from None
+    if socket is not None:
+        changes["socket"] = socket.absolute()
+    config = dataclasses.replace(config, **changes)
+    check_socket_path(config.socket_path, "--socket" if socket else source)
+    return config
+
+
+def restart_only_changes(old: Config, new: Config) -> list[str]:
+    """Keys whose new value only a restart applies (a reload keeps the old one)."""
+    keys = [
+        "listen",
+        "state_dir",
+        "socket",
+        "socket_group",
+        "metrics_listen",
+        "cgroup_backend",
+        "cgroup_subtree",
+        "uid_range",
+        "preload",
+        "max_host_workers",
+        "adaptive",
+    ]
+    return [k for k in keys if getattr(old, k) != getattr(new, k)]

@@ -180,3 +180,106 @@ def pytest_terminal_summary(terminalreporter) -> None:  # type: ignore[no-untype
     for name, counts in sorted(_cgroup_outcomes.items()):
         summary = ", ".join(f"{n} {outcome}" for outcome, n in sorted(counts.items()))
         tr.write_line(f"  {name}: {summary}")
+
+
+# ---------------------------------------------------------------------- hourai daemon
+
+_daemon_ids = iter(range(1_000_000))
+_DAEMON_SERVING = re.compile(r"serving \d+ functions at (http://[\d.]+:(\d+)/)")
+
+
+class DaemonProcess(HouraiProcess):
+    """`hourai daemon` on a state dir of its own, listening on a free port."""
+
+    def __init__(
+        self, state: Path, config: Path, env: dict[str, str] | None = None, wait: bool = True
+    ) -> None:
+        self.state = state
+        self.config = config
+        self.socket = state / "control.sock"
+        self.subtree = ""
+        self.started_at = time.monotonic()
+        super().__init__(
+            ["daemon", "--config", str(config), "--state-dir", str(state)],
+            env=env,
+        )
+        if wait:
+            self.wait_ready()
+
+    def wait_ready(self, timeout: float = 120.0) -> DaemonProcess:
+        m = self.wait_for(_DAEMON_SERVING.pattern, timeout)
+        self.url, self.port = m.group(1), int(m.group(2))
+        self.wait_for(r"ready in [\d.]+s", timeout)
+        self.ready_after = time.monotonic() - self.started_at
+        return self
+
+    def cli(
+        self, *args: str, check: bool = True, input: str | None = None, timeout: float = 120
+    ) -> subprocess.CompletedProcess[str]:
+        """`hourai ARGS --socket <ours>`, as a user would run it."""
+        result = subprocess.run(
+            [sys.executable, "-m", "hourai", *args, "--socket", str(self.socket)],
+            cwd=REPO,
+            input=input,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+        if check and result.returncode != 0:
+            raise AssertionError(
+                f"hourai {' '.join(args)} exited {result.returncode}:\n{result.stderr}"
+            )
+        return result
+
+    def cli_json(self, *args: str) -> dict:  # type: ignore[type-arg]
+        """`hourai ARGS --json`, parsed."""
+        import json
+
+        return json.loads(self.cli(*args, "--json").stdout)
+
+    def get(self, path: str, **kw) -> Reply:  # type: ignore[no-untyped-def]
+        return request(self.port, path, **kw)
+
+
+@pytest.fixture
+def hourai_daemon() -> Iterator:
+    """Start `hourai daemon` processes: ``start(config_text="", name="state", env=None)``.
+
+    Each test gets a temp dir (not pytest's tmp_path: its parents are 0700, out of reach of
+    the tenants' uids) and a cgroup subtree of its own, both removed afterwards; every
+    daemon is stopped by pid. ``start.subtree`` and ``start.root`` say where things live.
+    """
+    import shutil
+    import tempfile
+
+    root = Path(tempfile.mkdtemp(prefix="hourai-d-"))
+    root.chmod(0o711)
+    subtree = f"hourai-test-{os.getpid()}-{next(_daemon_ids)}"
+    started: list[DaemonProcess] = []
+
+    def start(
+        config_text: str = "",
+        name: str = "state",
+        env: dict[str, str] | None = None,
+        wait: bool = True,
+    ) -> DaemonProcess:
+        config = root / f"{name}.toml"
+        config.write_text(f'listen = ["127.0.0.1:0"]\ncgroup_subtree = "{subtree}"\n' + config_text)
+        proc = DaemonProcess(root / name, config, env=env, wait=False)
+        proc.subtree = subtree
+        started.append(proc)
+        return proc.wait_ready() if wait else proc
+
+    start.subtree = subtree  # type: ignore[attr-defined]
+    start.root = root  # type: ignore[attr-defined]
+    yield start
+    for proc in started:
+        proc.stop(timeout=30)
+    if os.geteuid() == 0:
+        from hourai.cgroup import CgroupError, detect
+
+        try:
+            detect("auto", subtree=subtree).remove_subtree()
+        except CgroupError:
+            pass
+    shutil.rmtree(root, ignore_errors=True)

@@ -81,8 +81,10 @@ tenant_limits = st.builds(
 @dataclass
 class ModelRequest:
     fn: str
+    submitted: float
     status: str = "waiting"  # waiting, running, done
     worker: int | None = None
+    deadline: float = 0.0  # invocation timeout, once running
 
 
 @dataclass
@@ -143,6 +145,12 @@ class SchedulerMachine(RuleBasedStateMachine):
     # ------------------------------------------------------------------ the shell
 
     def apply(self, decisions: list[Decision]) -> None:
+        self._apply(decisions)
+        for fn in {self.requests[d.request_id].fn for d in decisions if isinstance(d, Dispatch)}:
+            if self.s.stats(fn)["state"] == "trial":
+                assert self._running(fn) <= 1, f"{fn}: more than one request on trial"
+
+    def _apply(self, decisions: list[Decision]) -> None:
         for d in decisions:
             if isinstance(d, Dispatch):
                 self._dispatch(d)
@@ -207,6 +215,7 @@ class SchedulerMachine(RuleBasedStateMachine):
         assert d.request_id == oldest, f"{d} ahead of request {oldest} (not FIFO)"
         req.status = "running"
         req.worker = d.worker_id
+        req.deadline = self.now + self.limits[req.fn].timeout
         w.running.add(d.request_id)
         w.uses += 1
         lim = self.limits[req.fn]
@@ -280,7 +289,7 @@ class SchedulerMachine(RuleBasedStateMachine):
         for _ in range(n):
             rid = self.next_rid
             self.next_rid += 1
-            self.requests[rid] = ModelRequest(fn)
+            self.requests[rid] = ModelRequest(fn, self.now)
             self.apply(self.s.submit(rid, fn))
 
     @precondition(lambda self: any(q.status != "done" for q in self.requests.values()))
@@ -471,6 +480,26 @@ class SchedulerMachine(RuleBasedStateMachine):
             assert stats["inflight"] == self._running(fn)
 
     @invariant()
+    def refused_functions_hold_no_queue(self) -> None:
+        for fn in self.s.functions():
+            stats = self.s.stats(fn)
+            if stats["state"] in ("backoff", "failed"):
+                assert stats["queued"] == 0, stats
+
+    @invariant()
+    def next_deadline_covers_timeouts(self) -> None:
+        """Every queue timeout and invocation timeout is at or after next_deadline()."""
+        due = [
+            q.submitted + self.limits[q.fn].queue_timeout
+            for q in self.requests.values()
+            if q.status == "waiting" and q.fn in self.s.functions()
+        ]
+        due += [q.deadline for q in self.requests.values() if q.status == "running"]
+        if due:
+            deadline = self.s.next_deadline()
+            assert deadline is not None and deadline <= min(due) + 1e-9, (deadline, min(due))
+
+    @invariant()
     def queue_moves_when_it_can(self) -> None:
         for fn in self.s.functions():
             stats = self.s.stats(fn)
@@ -494,6 +523,12 @@ class SchedulerMachine(RuleBasedStateMachine):
             assert stats["workers"]["starting"] or total >= lim.max_workers or host_full, (
                 f"{fn}: queue stuck with room to fork: {stats}"
             )
+            if host_full and not stats["workers"]["starting"] and total < lim.max_workers:
+                # Stuck on a full host: nothing may be left to evict for it.
+                for other in self.s.functions():
+                    o = self.s.stats(other)
+                    if other != fn and not o["queued"]:
+                        assert o["workers"]["idle"] + o["workers"]["spare"] == 0, (fn, o)
 
     def teardown(self) -> None:
         """Drain: build, fork and finish everything, let all timers run; then nothing may

@@ -42,7 +42,12 @@ def test_quick_suite_writes_results_for_every_part(tmp_path) -> None:
         "spare_p50_ms",
         "fork_p50_ms",
         "fork_p99_ms",
+        "flask_cold_10x",
     }
+    apps = doc["parts"]["coldstart"]["apps"]
+    for app in ("flask", "fastapi"):
+        assert apps[app]["cold (preloaded)"]["n"] > 0
+        assert apps[app]["uvicorn_per_request"]["n"] > 0
     burst = doc["parts"]["burst"]["runs"][0]
     assert burst["all_answered"] and burst["answered_200"] == burst["requests"]
     assert doc["parts"]["isolation"]["B alone"]["n"] > 0

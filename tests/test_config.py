@@ -163,7 +163,7 @@ def test_every_key_is_read() -> None:
         ("[defaults]\ntenant = 'Not_OK'", "[defaults] tenant: bad tenant name"),
         ("[defaults]\nspares = 9", "[defaults]: spares (9) cannot exceed max_workers (8)"),
         ("[defaults]\nmin_warm = 9", "[defaults]: min_warm (9) cannot exceed max_workers (8)"),
-        ("[defaults]\nburst = 3", "[defaults]: burst needs a rate"),
+        ("[defaults]\nburst = 3", "[defaults]: burst must come with a rate"),
         ("defaults = 3", "[defaults] must be a table"),
     ],
 )

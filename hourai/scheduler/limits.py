@@ -125,5 +125,5 @@ def _check_rate(rate: float | None, burst: int | None) -> None:
         _positive("rate", rate)
     if burst is not None:
         if rate is None:
-            raise ValueError("burst needs a rate")
+            raise ValueError("burst must come with a rate (requests per second)")
         _at_least("burst", burst, 1)

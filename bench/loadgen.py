@@ -24,14 +24,24 @@ async def _client(port: int, until: float, latencies: list[float], errors: list[
             writer.write(REQUEST)
             head = await reader.readuntil(b"\r\n\r\n")
             status = int(head.split(b" ", 2)[1])
-            length = 0
-            for line in head.split(b"\r\n"):
-                if line[:15].lower() == b"content-length:":
-                    length = int(line[15:])
-            await reader.readexactly(length)
+            fields = dict(
+                (name.strip().lower(), value.strip().lower())
+                for name, _, value in (line.partition(b":") for line in head.split(b"\r\n")[1:])
+            )
+            if fields.get(b"transfer-encoding") == b"chunked":
+                while size := int((await reader.readuntil(b"\r\n")).strip(), 16):
+                    await reader.readexactly(size + 2)
+                await reader.readuntil(b"\r\n")
+            else:
+                await reader.readexactly(int(fields.get(b"content-length", b"0")))
             latencies.append((time.perf_counter() - t0) * 1000)
             if status >= 400:
                 errors.append(status)
+            if fields.get(b"connection") == b"close":
+                # A server without keep-alive (gunicorn's sync worker): pay the reconnect in
+                # the next request's latency, as its clients do.
+                writer.close()
+                reader, writer = await asyncio.open_connection("127.0.0.1", port)
     finally:
         writer.close()
 

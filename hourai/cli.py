@@ -186,6 +186,11 @@ def add_run_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[typ
     p.add_argument("--memory", metavar="SIZE", help="tenant memory limit, e.g. 128M, 1G")
     p.add_argument("--cpu", metavar="CORES", help="tenant cpu limit in cores, e.g. 0.5")
     p.add_argument("--pids", type=int, metavar="N", help="tenant limit on processes and threads")
+    p.add_argument(
+        "--tmp-size",
+        metavar="SIZE",
+        help="size of the function's private /tmp and /dev/shm (default 512M)",
+    )
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     p.set_defaults(func=cmd_run)
 
@@ -226,6 +231,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             queue_max=args.queue_max,
             queue_timeout=args.queue_timeout,
             max_worker_memory=parse_size_arg("--worker-memory", args.worker_memory),
+            tmp_size=parse_size_arg("--tmp-size", args.tmp_size) or FunctionLimits.tmp_size,
         )
     except ValueError as exc:
         raise UsageError(str(exc)) from None

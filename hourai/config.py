@@ -173,6 +173,9 @@ FUNCTION_OPTIONS: dict[str, Option] = {
     "memory": Option(_size, None, "the tenant's memory limit (its cgroup's memory maximum)"),
     "cpu": Option(_cpus, None, "the tenant's CPU quota in cores"),
     "pids": Option(_int(1), None, "the tenant's limit on processes and threads"),
+    "tmp_size": Option(
+        _size, 512 << 20, "size of the function's private /tmp and /dev/shm (charged to its tenant)"
+    ),
 }
 # What a deploy may say beyond the limits (in hourai.toml, flags and the API).
 DEPLOY_KEYS: dict[str, Callable[[Any], Any]] = {
@@ -247,6 +250,7 @@ def effective_limits(defaults: Mapping[str, Any], options: Mapping[str, Any]) ->
             max_worker_memory=merged["worker_memory"],
             rate=merged["rate"],
             burst=merged["burst"],
+            tmp_size=merged["tmp_size"],
         )
         tenant = None
         if any(merged[k] is not None for k in ("memory", "cpu", "pids")):

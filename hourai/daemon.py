@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from hourai.cgroup import CgroupBackend, CgroupError, TenantLimits, detect
+from hourai.cgroup.owner import SubtreeClaim, claim_subtree
 from hourai.channel import AsyncChannel
 from hourai.codestore import CodeStore
 from hourai.ingress import Request, Response, error_response
@@ -189,13 +190,31 @@ class Runtime:
             subtree=self.settings.cgroup_subtree or f"hourai-run-{os.getpid()}",
         )
         self.tenants = TenantDirectory(
-            self.state_dir, self.settings.uid_range, separate=self.settings.separate_uids
+            self.state_dir,
+            self.settings.uid_range,
+            separate=self.settings.separate_uids,
+            persistent=not self._own_state_dir,
         )
-        self.codestore = CodeStore(self.state_dir / "code")
+        self.codestore = CodeStore(
+            self.state_dir / "code", group_of=lambda tenant: self.tenants.get(tenant).gid
+        )
         self.tenant_limits: dict[str, TenantLimits] = {}
+        self.subtree_claim: SubtreeClaim | None = None
         self.resources = (
             ResourceManager(self, self.settings.policy) if self.settings.policy else None
         )
+
+    def problems(self) -> list[str]:
+        """What keeps the runtime from serving as deployed, right now (for /healthz)."""
+        out = []
+        if not self.zygote.running:
+            out.append("the root zygote is not running: no snapshot can be built")
+        for tenant in sorted({spec.tenant for spec in self.functions.values()}):
+            if not self.cgroups.exists(tenant):
+                out.append(
+                    f"tenant {tenant}: its cgroup is gone (recreated at its next snapshot build)"
+                )
+        return out
 
     @property
     def warnings(self) -> list[str]:
@@ -208,6 +227,9 @@ class Runtime:
         log.info("cgroups: %s", self.cgroups.describe())
         for warning in self.warnings:
             log.warning("%s", warning)
+        # Ours before anything in it is touched: what is left there is then provably not
+        # another live daemon's (SubtreeInUse, a CgroupError, says whose it is).
+        self.subtree_claim = claim_subtree(self.cgroups.subtree_dirs(), str(self.state_dir))
         stale = self.cgroups.cleanup_stale()
         if stale:
             log.warning("removed cgroups left by an earlier run: %s", ", ".join(stale))
@@ -240,11 +262,15 @@ class Runtime:
             if version.handle is not None:
                 version.handle.stopping = True
         await self.zygote.stop()
-        try:
-            self.cgroups.remove_subtree()
-        except CgroupError as exc:
-            log.warning("could not remove hourai's cgroups: %s", exc)
+        if self.subtree_claim is not None:
+            try:
+                self.cgroups.remove_subtree()
+            except CgroupError as exc:
+                log.warning("could not remove hourai's cgroups: %s", exc)
+            self.subtree_claim.release()
+            self.subtree_claim = None
         if self._own_state_dir:
+            self.tenants.release()
             shutil.rmtree(self.state_dir, ignore_errors=True)
 
     async def _watch_worker_memory(self) -> None:
@@ -357,11 +383,23 @@ class Runtime:
         if version.built is None or version.built.done():
             version.built = self.loop.create_future()
         spec = version.spec
+        if not self.cgroups.exists(spec.tenant):
+            # Removed under us (by hand, or by a tool that thought it stale): put it back
+            # with the tenant's limits rather than let the snapshot fail to join it.
+            log.warning("tenant %s: its cgroup was gone; recreating it", spec.tenant)
+            limits = self.tenant_limits.get(spec.tenant) or TenantLimits()
+            try:
+                self.cgroups.create(spec.tenant, limits)
+            except CgroupError as exc:
+                self._build_failed(
+                    version, SnapshotFailed(f"tenant {spec.tenant}'s cgroup is gone: {exc}")
+                )
+                return
         fid = f"{function}@{version_id}#{next(self._fids)}"
         events = WorkerEvents(
             forked=lambda wid, pid, sock, out: self._worker_forked(version, wid, pid, sock, out),
             fork_failed=self._fork_failed,
-            exited=lambda pid, status: self._worker_exited(version, pid, status),
+            exited=self._worker_exited,
         )
         try:
             handle = self.zygote.spawn(
@@ -420,7 +458,12 @@ class Runtime:
     def _snapshot_spec(self, spec: FunctionSpec) -> dict[str, Any]:
         """What the snapshot needs to confine itself and load the function (see zygote)."""
         tenant = self.tenants.get(spec.tenant)
-        env = default_env(spec.name, str(tenant.tmpdir))
+        # With uids to give, each snapshot gets a sandbox of its own (see zygote): its /tmp
+        # is a private tmpfs. Without (not root), everything runs as one user anyway and the
+        # tenant's temp dir is a directory of the state dir.
+        sandboxed = tenant.uid is not None
+        self.codestore.grant(Path(spec.target.root), spec.tenant)
+        env = default_env(spec.name, "/tmp" if sandboxed else str(tenant.tmpdir))
         memory = spec.resources.memory_max if spec.resources else None
         if memory:
             env["AWS_LAMBDA_FUNCTION_MEMORY_SIZE"] = str(memory >> 20)
@@ -437,6 +480,8 @@ class Runtime:
             "cgroup_procs": self.cgroups.procs_files(spec.tenant),
             "rlimits": {"core": 0, "nofile": self.settings.worker_nofile},
             "concurrency": spec.limits.concurrency,
+            "sandbox": sandboxed,
+            "tmp_size": spec.limits.tmp_size,
         }
 
     # ------------------------------------------------------------------ requests
@@ -586,8 +631,8 @@ class Runtime:
             # Usually the snapshot's "exited" is a moment behind: wait for it, not forever.
             self.loop.call_later(_EXIT_STATUS_GRACE, self._worker_died, worker)
 
-    def _worker_exited(self, version: Version, pid: int, status: ExitStatus) -> None:
-        worker = version.workers_by_pid.get(pid)
+    def _worker_exited(self, wid: int, status: ExitStatus) -> None:
+        worker = self.workers.get(wid)
         if worker is None:
             return
         worker.exit = status

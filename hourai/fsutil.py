@@ -7,7 +7,7 @@ import tempfile
 from pathlib import Path
 
 
-def atomic_write(path: Path, data: bytes, mode: int = 0o644) -> None:
+def atomic_write(path: Path, data: bytes, mode: int = 0o600) -> None:
     """Write to a temp file beside `path`, fsync it, rename it over `path`, fsync the dir.
 
     A reader sees the old content or the new, never half of either, and after return the

@@ -61,7 +61,7 @@ def build_spec(
     """
     check_name(name)
     check_name(tenant, "tenant name")
-    digest, stored = store.put(Path(target.root))
+    digest, stored = store.put(Path(target.root), tenant)
     stored_target = dataclasses.replace(target, root=str(stored))
     env = dict(env or {})
     identity = json.dumps(

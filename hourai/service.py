@@ -177,7 +177,7 @@ class Daemon:
         self._runtime_started = True
         try:
             await self.runtime.start()
-        except RuntimeError as exc:
+        except (RuntimeError, CgroupError) as exc:
             raise StartError(str(exc)) from None
         await self._collect_garbage()
 
@@ -787,6 +787,8 @@ class Daemon:
         problems = [str(p) for p in self.broken.values()]
         problems += [f"{n}: {e}" for n, e in sorted(self.restore_errors.items())]
         runtime = getattr(self, "runtime", None)
+        down = runtime.problems() if runtime is not None and self.phase == "ready" else []
+        problems += down
         doc = {
             "status": self.phase,
             "functions": len(self.records),
@@ -796,7 +798,9 @@ class Daemon:
             "problems": problems,
             "warnings": runtime.warnings if runtime is not None else [],
         }
-        return self.phase == "ready", doc
+        # Not ready while nothing can be built; a vanished tenant group heals on its own.
+        healthy = runtime is not None and runtime.zygote.running
+        return self.phase == "ready" and healthy, doc
 
     async def render_metrics(self) -> tuple[bytes, str]:
         return await self.metrics.render_async(), CONTENT_TYPE

@@ -149,6 +149,31 @@ def hourai_run() -> Iterator:
         proc.stop()
 
 
+def host_pid(root: int, reply: dict) -> int:  # type: ignore[type-arg]
+    """The host's pid of the process that answered ``reply`` (its ``pid`` and ``pidns``, the
+    inode of its /proc/self/ns/pid), searched below the hourai process ``root``.
+
+    A root daemon gives each snapshot a pid namespace of its own, where a worker sees itself
+    as pid 2 or so; without root there is none and the pid is the host's.
+    """
+    import psutil
+
+    pid, pidns = reply["pid"], reply.get("pidns")
+    if pidns is None or pidns == os.stat("/proc/self/ns/pid").st_ino:
+        return int(pid)
+    for proc in psutil.Process(root).children(recursive=True):
+        try:
+            if os.stat(f"/proc/{proc.pid}/ns/pid").st_ino != pidns:
+                continue
+            with open(f"/proc/{proc.pid}/status") as f:
+                nspid = next(line for line in f if line.startswith("NSpid:")).split()[-1]
+        except (OSError, StopIteration):
+            continue
+        if int(nspid) == pid:
+            return proc.pid
+    raise AssertionError(f"no process below {root} is pid {pid} in pid namespace {pidns}")
+
+
 def wait_until(predicate, timeout: float = 10.0, interval: float = 0.02) -> None:  # type: ignore[no-untyped-def]
     """Poll `predicate` until true; fail at the deadline (never a blind sleep)."""
     deadline = time.monotonic() + timeout
@@ -248,7 +273,13 @@ class DaemonProcess(HouraiProcess):
 
 
 @pytest.fixture
-def hourai_daemon() -> Iterator:
+def daemon_root() -> Path | None:
+    """Where ``hourai_daemon`` makes its temp dir (None: the system's temp dir)."""
+    return None
+
+
+@pytest.fixture
+def hourai_daemon(daemon_root: Path | None) -> Iterator:
     """Start `hourai daemon` processes: ``start(config_text="", name="state", env=None)``.
 
     Each test gets a temp dir (not pytest's tmp_path: its parents are 0700, out of reach of
@@ -258,7 +289,7 @@ def hourai_daemon() -> Iterator:
     import shutil
     import tempfile
 
-    root = Path(tempfile.mkdtemp(prefix="hourai-d-"))
+    root = Path(tempfile.mkdtemp(prefix="hourai-d-", dir=daemon_root))
     root.chmod(0o711)
     subtree = f"hourai-test-{os.getpid()}-{next(_daemon_ids)}"
     started: list[DaemonProcess] = []

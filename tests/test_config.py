@@ -69,6 +69,7 @@ min_warm = 1
 memory = "512M"
 cpu = "500m"
 pids = 64
+tmp_size = "64M"
 """
 
 
@@ -120,6 +121,7 @@ def test_every_key_is_read() -> None:
     defaults = config.function_defaults()
     assert defaults["memory"] == 512 << 20 and defaults["cpu"] == 0.5
     assert defaults["worker_memory"] == 256 << 20 and defaults["keep_alive"] == 0.0
+    assert defaults["tmp_size"] == 64 << 20
     assert config.default_tenant == "shared"
     # every option of the schema appears in the sample, so the sample documents them all
     assert set(FUNCTION_OPTIONS) <= set(config.defaults)

@@ -1,5 +1,7 @@
 """Tenant isolation for real: cgroup limits, separate uids, private temp dirs.
 
+(What a hostile tenant tries against these is in test_hostile.py.)
+
 These run against the host's real cgroup hierarchy and need root; elsewhere they skip and
 say why.
 """
@@ -11,7 +13,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import FUNCTIONS, request, wait_until
+from conftest import FUNCTIONS, host_pid, request, wait_until
 
 from hourai.cgroup import detect
 
@@ -53,15 +55,14 @@ def test_worker_runs_confined_as_its_tenant(hourai_run) -> None:
     assert me["idna"] == "xn--bcher-kva.example"  # ... and so do lazily loaded submodules
     # only what the function was given: no daemon variables
     assert "PYTEST_CURRENT_TEST" not in me["env"] and "HOME" in me["env"]
-    tmpdir = Path(me["tmpdir"])
-    st = tmpdir.stat()
-    assert (st.st_uid, st.st_mode & 0o777) == (me["uid"], 0o700)
+    assert me["tmpdir"] == "/tmp"  # a private tmpfs (test_hostile.py tries it)
     # the worker (and so its snapshot) lives in the tenant's groups
-    groups = _cgroup_dirs(me["pid"])
+    worker = host_pid(proc.proc.pid, me)
+    groups = _cgroup_dirs(worker)
     assert all(str(d).endswith("/alpha") for d in groups.values()), groups
     assert int((groups["memory"] / "memory.limit_in_bytes").read_text()) == 256 << 20
     assert int((groups["pids"] / "pids.max").read_text()) == 64
-    snapshot = psutil.Process(me["pid"]).parent()
+    snapshot = psutil.Process(worker).parent()
     assert _cgroup_dirs(snapshot.pid) == groups
     assert snapshot.uids().real == me["uid"]
 
@@ -73,7 +74,7 @@ def test_code_is_readable_but_not_writable(hourai_run) -> None:
 
 def test_cpu_quota_is_applied(hourai_run) -> None:
     proc = hourai_run(PROBE, "--tenant", "alpha", "--cpu", "0.5")
-    pid = request(proc.port, "/whoami").json()["pid"]
+    pid = host_pid(proc.proc.pid, request(proc.port, "/whoami").json())
     cpu = _cgroup_dirs(pid)["cpu"]
     quota = int((cpu / "cpu.cfs_quota_us").read_text())
     period = int((cpu / "cpu.cfs_period_us").read_text())
@@ -96,7 +97,7 @@ def test_unbounded_allocation_is_oom_killed_inside_the_tenant(hourai_run) -> Non
 def test_fork_bomb_is_stopped_by_pids_max(hourai_run) -> None:
     bomb = hourai_run(PROBE, "--tenant", "bomb", "--pids", "40", "--timeout", "2", "--spares", "0")
     other = hourai_run(PROBE, "--tenant", "bystander", "--spares", "0")
-    pids_dir = _cgroup_dirs(request(bomb.port, "/whoami").json()["pid"])["pids"]
+    pids_dir = _cgroup_dirs(host_pid(bomb.proc.pid, request(bomb.port, "/whoami").json()))["pids"]
     reply = request(bomb.port, "/forkbomb")
     assert reply.status == 504
     assert int((pids_dir / "pids.max").read_text()) == 40
@@ -111,11 +112,14 @@ def test_tenants_cannot_read_each_others_files_or_signal_each_others_workers(hou
     a = hourai_run(PROBE, "--tenant", "alpha", "--spares", "0")
     b = hourai_run(PROBE, "--tenant", "beta", "--spares", "0")
     written = request(b.port, "/write?name=s.txt&text=beta-secret").json()["written"]
-    b_pid = request(b.port, "/whoami").json()["pid"]
+    b_me = request(b.port, "/whoami").json()
+    b_pid = host_pid(b.proc.pid, b_me)
     a_me = request(a.port, "/whoami").json()
-    assert a_me["uid"] != request(b.port, "/whoami").json()["uid"]
-    assert request(a.port, f"/read?path={written}").json() == {"error": "PermissionError"}
-    assert request(a.port, f"/signal?pid={b_pid}").json() == {"error": "PermissionError"}
+    assert a_me["uid"] != b_me["uid"]
+    # the same path names a's own private /tmp, where b's file is not
+    assert request(a.port, f"/read?path={written}").json() == {"error": "FileNotFoundError"}
+    # b's worker is not even there to be named in a's pid namespace
+    assert request(a.port, f"/signal?pid={b_pid}").json() == {"error": "ProcessLookupError"}
     assert psutil.pid_exists(b_pid)
     # the owner can read its own file
     assert request(b.port, f"/read?path={written}").json() == {"read": "beta-secret"}

@@ -9,7 +9,7 @@ import sys
 
 import psutil
 import pytest
-from conftest import EXAMPLES, FUNCTIONS, REPO, HouraiProcess, request, wait_until
+from conftest import EXAMPLES, FUNCTIONS, REPO, HouraiProcess, host_pid, request, wait_until
 
 BEHAVE = str(FUNCTIONS / "behave.py")
 
@@ -26,12 +26,12 @@ def test_hello_example_answers_over_http(hourai_run) -> None:
 def test_process_tree_is_daemon_zygote_snapshot_worker(hourai_run) -> None:
     proc = hourai_run(BEHAVE, "--spares", "0")
     info = request(proc.port, "/pid").json()
-    worker = psutil.Process(info["pid"])
+    worker = psutil.Process(host_pid(proc.proc.pid, info))
     snapshot = worker.parent()
     root_zygote = snapshot.parent()
-    assert info["ppid"] == snapshot.pid
+    assert host_pid(proc.proc.pid, {**info, "pid": info["ppid"]}) == snapshot.pid
     # module-level code ran once, in the snapshot, not in the worker
-    assert info["imported_in"] == snapshot.pid
+    assert host_pid(proc.proc.pid, {**info, "pid": info["imported_in"]}) == snapshot.pid
     assert root_zygote.parent().pid == proc.proc.pid
     assert "hourai.snapshot.zygote" in " ".join(root_zygote.cmdline())
 
@@ -57,12 +57,13 @@ def test_spare_is_prefored_and_refilled(hourai_run) -> None:
 
 def test_idle_workers_are_reaped_but_the_snapshot_stays(hourai_run) -> None:
     proc = hourai_run(BEHAVE, "--spares", "0", "--keep-alive", "0.3")
-    pid = request(proc.port, "/pid").json()["pid"]
+    first = request(proc.port, "/pid").json()
+    pid = host_pid(proc.proc.pid, first)
     wait_until(lambda: not psutil.pid_exists(pid) or psutil.Process(pid).status() == "zombie")
     assert _snapshots(proc), "the snapshot must outlive its idle workers"
     again = request(proc.port, "/pid")
     assert again.start == "fork"
-    assert again.json()["pid"] != pid
+    assert again.json()["pid"] != first["pid"]
 
 
 def test_timeout_answers_504_and_replaces_the_worker(hourai_run) -> None:
@@ -98,7 +99,7 @@ def test_worker_dying_mid_request_answers_502_and_is_replaced(hourai_run, how: s
 
 def test_function_output_is_logged_tagged_with_function_and_worker(hourai_run) -> None:
     proc = hourai_run(BEHAVE, "--spares", "0")
-    pid = request(proc.port, "/pid").json()["pid"]
+    pid = host_pid(proc.proc.pid, request(proc.port, "/pid").json())
     request(proc.port, "/print?msg=marker42")
     proc.wait_for(rf"\[behave#{pid}\] out: marker42")
     proc.wait_for(rf"\[behave#{pid}\] err: marker42")
@@ -224,9 +225,10 @@ def test_worker_is_recycled_after_max_requests(hourai_run) -> None:
 def test_worker_is_recycled_when_its_memory_grows_past_the_limit(hourai_run) -> None:
     proc = hourai_run(f"{BEHAVE}:leaky", "--spares", "0", "--worker-memory", "64M")
     first = request(proc.port, "/").json()
+    pid = host_pid(proc.proc.pid, first)
     request(proc.port, "/")
     request(proc.port, "/")  # now ~72 MiB held, above the limit once idle
-    wait_until(lambda: not psutil.pid_exists(first["pid"]), timeout=15)
+    wait_until(lambda: not psutil.pid_exists(pid), timeout=15)
     again = request(proc.port, "/").json()
     assert again["pid"] != first["pid"] and again["held_mib"] == 24
 

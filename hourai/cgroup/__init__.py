@@ -264,6 +264,15 @@ class CgroupBackend(Protocol):
         """Remove every tenant group and the subtree directory itself (shutdown, tests)."""
         ...
 
+    def subtree_dirs(self) -> list[str]:
+        """The directories of our subtree (one per hierarchy; none without cgroups): what
+        :func:`hourai.cgroup.owner.claim_subtree` locks."""
+        ...
+
+    def exists(self, tenant: str) -> bool:
+        """Whether the tenant's group is there in every hierarchy."""
+        ...
+
 
 # --------------------------------------------------------------------------- discovery
 

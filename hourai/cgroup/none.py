@@ -132,6 +132,12 @@ class NoneBackend:
         # (PR_SET_PDEATHSIG) and there are no groups to list.
         return []
 
+    def subtree_dirs(self) -> list[str]:
+        return []
+
+    def exists(self, tenant: str) -> bool:
+        return True  # nothing to vanish
+
     def remove_subtree(self) -> None:
         for tenant in self.tenants():
             self.remove(tenant)

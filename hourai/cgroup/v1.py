@@ -152,7 +152,7 @@ class V1Backend:
         return self._node("memory", tenant).controller
 
     def _ensure_ready(self) -> None:
-        if self._ready:
+        if self._ready and all(os.path.isdir(d) for d in self._base_dirs()):
             return
         for controller, h in self.hierarchies.items():
             own = _controller_root(h.mount, controller)
@@ -329,6 +329,12 @@ class V1Backend:
         for name in names:
             self.remove(name)
         return names
+
+    def subtree_dirs(self) -> list[str]:
+        return self._base_dirs()
+
+    def exists(self, tenant: str) -> bool:
+        return all(os.path.isdir(path) for path in self._dirs(tenant))
 
     def remove_subtree(self) -> None:
         self.cleanup_stale()

@@ -164,7 +164,7 @@ class V2Backend:
 
     def _ensure_ready(self) -> None:
         """Enable our controllers for ``<own>`` and ``<own>/<subtree>`` (idempotent)."""
-        if self._ready:
+        if self._ready and self.fs.exists(self.base):
             return
         wanted = set(self.controllers)
         control = os.path.join(self.own_dir, "cgroup.subtree_control")
@@ -349,6 +349,12 @@ class V2Backend:
         for name in names:
             self.remove(name)
         return names
+
+    def subtree_dirs(self) -> list[str]:
+        return [self.base]
+
+    def exists(self, tenant: str) -> bool:
+        return bool(self.fs.exists(self._dir(tenant)))
 
     def remove_subtree(self) -> None:
         if self.fs.exists(self.base):

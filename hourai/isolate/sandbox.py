@@ -12,13 +12,32 @@ import ctypes
 import importlib
 import os
 import resource
+import select
 import signal
 import sys
+from collections.abc import Sequence
 
 _libc = ctypes.CDLL(None, use_errno=True)
+_libc.mount.argtypes = [
+    ctypes.c_char_p,
+    ctypes.c_char_p,
+    ctypes.c_char_p,
+    ctypes.c_ulong,
+    ctypes.c_char_p,
+]
+_libc.unshare.argtypes = [ctypes.c_int]
+_libc.setns.argtypes = [ctypes.c_int, ctypes.c_int]
 _PR_SET_PDEATHSIG = 1
 _PR_SET_NO_NEW_PRIVS = 38
 _PR_SET_CHILD_SUBREAPER = 36
+CLONE_NEWNS = 0x00020000
+CLONE_NEWIPC = 0x08000000
+CLONE_NEWPID = 0x20000000
+_MS_RDONLY, _MS_NOSUID, _MS_NODEV, _MS_NOEXEC, _MS_REMOUNT = 0x1, 0x2, 0x4, 0x8, 0x20
+_MS_BIND, _MS_REC, _MS_SLAVE = 0x1000, 0x4000, 0x80000
+# Directories every user may write to on a stock host: inside a sandbox each is a directory
+# of the function's own tmpfs, so nothing written there is seen by anyone else.
+SHARED_WRITABLE_DIRS = ("/tmp", "/var/tmp", "/dev/shm", "/run/lock")
 
 RLIMITS = {
     "core": resource.RLIMIT_CORE,
@@ -35,15 +54,111 @@ def _prctl(option: int, arg: int) -> None:
         raise OSError(err, f"prctl({option}): {os.strerror(err)}")
 
 
-def die_with_parent(expected_parent: int) -> None:
+def die_with_parent(expected_parent: int | None = None, parent_pidfd: int | None = None) -> None:
     """SIGKILL this process when its parent dies, so nothing outlives the daemon.
 
     The parent may already be gone by the time the flag is set; then we would never get
-    the signal, so check and leave now.
+    the signal, so check and leave now: by its pid, or (as pid 1 of a new pid namespace,
+    where getppid() is 0) by a pidfd of the parent, readable once it has exited. The kernel
+    clears the flag on every change of credentials: call this again after dropping them.
     """
     _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-    if os.getppid() != expected_parent:
+    if parent_pidfd is not None:
+        if select.select([parent_pidfd], [], [], 0)[0]:
+            os._exit(1)
+    elif expected_parent is not None and os.getppid() != expected_parent:
         os._exit(1)
+
+
+def _check(result: int, what: str) -> None:
+    if result != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"{what}: {os.strerror(err)}")
+
+
+def fork_in_new_pid_namespace(own_pid_ns: int) -> int:
+    """fork() with the child as pid 1 of a new pid namespace; returns like os.fork().
+
+    unshare(CLONE_NEWPID) only decides where the *next* child goes; setns() back to our own
+    namespace afterwards, so the call can be repeated (a second unshare would be refused).
+    As pid 1 the child is the namespace's init: when it dies the kernel kills every process
+    left in the namespace, which is what makes "nothing outlives its snapshot" a guarantee
+    rather than a best effort.
+    """
+    _check(_libc.unshare(CLONE_NEWPID), "unshare(CLONE_NEWPID)")
+    try:
+        return os.fork()
+    finally:
+        if os.getpid() != 1:  # the parent (the child has no way back, and needs none)
+            _check(_libc.setns(own_pid_ns, CLONE_NEWPID), "setns(pid)")
+
+
+def private_mounts(
+    tmp_size: int, uid: int | None, gid: int | None, keep: Sequence[str] = ()
+) -> None:
+    """A mount namespace of our own: a fresh /proc and one size-limited tmpfs behind the
+    shared writable dirs.
+
+    Runs as root in pid 1 of a new pid namespace, before the tenant's code. The new /proc
+    lists only this namespace's processes (the snapshot, its workers and what they start).
+    One tmpfs (charged to the memory cgroup of whoever writes to it: the tenant's) holds a
+    directory per entry of SHARED_WRITABLE_DIRS, bound over it; the tmpfs root itself is
+    covered, so /tmp, /var/tmp and /dev/shm share one ``tmp_size``. It goes when the last
+    process of the namespace exits. A new IPC namespace gives SysV IPC and POSIX message
+    queues of our own.
+
+    ``keep``: directories the snapshot still needs (its code, the interpreter's library
+    dirs) that would vanish under the new /tmp (a state dir made with mkdtemp, a checkout
+    in /tmp): each is bound back, read-only, at its own path inside the private tmpfs.
+    """
+    _check(_libc.unshare(CLONE_NEWNS | CLONE_NEWIPC), "unshare(CLONE_NEWNS|CLONE_NEWIPC)")
+    # Our mounts must not propagate back to the host (shared is the default under systemd).
+    _mount(None, "/", None, _MS_REC | _MS_SLAVE)
+    # A link (/var/tmp -> /tmp on some hosts) is covered by what it points to.
+    covered = [d for d in SHARED_WRITABLE_DIRS if os.path.isdir(d) and not os.path.islink(d)]
+    held = [(path, os.open(path, os.O_PATH | os.O_DIRECTORY)) for path in _hidden(keep, covered)]
+    _mount("proc", "/proc", "proc", _MS_NOSUID | _MS_NODEV | _MS_NOEXEC)
+    owner = f",uid={uid},gid={gid}" if uid is not None else ""
+    _mount(
+        "tmpfs", "/tmp", "tmpfs", _MS_NOSUID | _MS_NODEV, f"size={tmp_size},mode=0700{owner}"
+    )
+    # /tmp itself last: the others are bound from paths inside the tmpfs mounted there.
+    for target in sorted(covered, key="/tmp".__eq__):
+        inside = "/tmp/" + target.strip("/").replace("/", "-")
+        os.mkdir(inside)
+        os.chmod(inside, 0o1777)  # as on a host; only the tenant's uid exists in here
+        _mount(inside, target, None, _MS_BIND)
+    for path, fd in held:
+        os.makedirs(path, exist_ok=True)  # root's, 0755: the tenant cannot move them
+        _mount(f"/proc/self/fd/{fd}", path, None, _MS_BIND | _MS_REC)
+        _mount(None, path, None, _MS_REMOUNT | _MS_BIND | _MS_RDONLY)
+        os.close(fd)
+
+
+def _hidden(paths: Sequence[str], covered: Sequence[str]) -> list[str]:
+    """The outermost of ``paths`` that lie strictly inside one of ``covered``."""
+    inside = sorted(
+        {
+            real
+            for real in (os.path.realpath(p) for p in paths if p and os.path.isdir(p))
+            if any(real.startswith(c.rstrip("/") + "/") for c in covered)
+        }
+    )
+    out: list[str] = []
+    for path in inside:
+        if not any(path.startswith(kept + "/") for kept in out):
+            out.append(path)
+    return out
+
+
+def _mount(source: str | None, target: str, fstype: str | None, flags: int, data: str = "") -> None:
+    def enc(text: str | None) -> bytes | None:
+        return None if text is None else os.fsencode(text)
+
+    _check(
+        _libc.mount(enc(source), enc(target), enc(fstype), flags, enc(data) if data else None),
+        f"mount {target}",
+    )
 
 
 def no_new_privs() -> None:
@@ -176,3 +291,13 @@ def unreachable_ancestor(path: str) -> str | None:
         except OSError:
             return directory
     return None
+
+
+def package_dirs() -> list[str]:
+    """Where the packages imported so far live (an editable install is not on sys.path)."""
+    out: set[str] = set()
+    for module in list(sys.modules.values()):
+        paths = getattr(module, "__path__", None)
+        if paths is not None:
+            out.update(p for p in list(paths) if isinstance(p, str))
+    return sorted(out)

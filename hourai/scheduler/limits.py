@@ -28,9 +28,11 @@ class FunctionLimits:
     max_worker_memory: int | None = None  # bytes; a worker above it is recycled once idle
     rate: float | None = None  # token bucket: requests per second (None: unlimited)
     burst: int | None = None  # bucket size (None: max(1, ceil(rate)))
+    tmp_size: int = 512 << 20  # bytes of the function's private /tmp (and /dev/shm) tmpfs
 
     def __post_init__(self) -> None:
         _at_least("max_workers", self.max_workers, 1)
+        _at_least("tmp_size", self.tmp_size, 1 << 20)
         _at_least("concurrency", self.concurrency, 1)
         if self.max_inflight is not None:
             _at_least("max_inflight", self.max_inflight, 1)

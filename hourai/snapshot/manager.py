@@ -97,7 +97,7 @@ class WorkerEvents:
 
     forked: Callable[[int, int, socket.socket, int], None]  # wid, pid, channel, output fd
     fork_failed: Callable[[int, str], None]  # wid, error
-    exited: Callable[[int, ExitStatus], None]  # pid, status
+    exited: Callable[[int, ExitStatus], None]  # wid, status
 
 
 @dataclass
@@ -138,10 +138,14 @@ class SnapshotHandle:
     def _on_message(self, msg: Message, fds: list[int]) -> None:
         kind = msg["t"]
         if kind == "forked":
-            chan_fd, out_fd = fds
-            self.events.forked(msg["wid"], msg["pid"], socket.socket(fileno=chan_fd), out_fd)
+            chan_fd, out_fd, pidfd = fds
+            try:
+                pid = pid_of(pidfd)
+            finally:
+                os.close(pidfd)
+            self.events.forked(msg["wid"], pid, socket.socket(fileno=chan_fd), out_fd)
         elif kind == "exited":
-            self.events.exited(msg["pid"], ExitStatus(msg["code"], msg["signal"]))
+            self.events.exited(msg["wid"], ExitStatus(msg["code"], msg["signal"]))
         elif kind == "fork_failed":
             self.events.fork_failed(msg["wid"], msg["error"])
         elif kind == "ready":
@@ -211,6 +215,15 @@ class RootZygote:
     @property
     def pid(self) -> int | None:
         return self.proc.pid if self.proc else None
+
+    @property
+    def running(self) -> bool:
+        return (
+            self.proc is not None
+            and self.proc.poll() is None
+            and self.channel is not None
+            and not self.channel.closed
+        )
 
     def spawn(
         self, fid: str, spec: dict[str, Any], events: WorkerEvents, tag: str
@@ -283,7 +296,22 @@ class RootZygote:
             pass
 
 
+def pid_of(pidfd: int) -> int:
+    """The pid, in our own pid namespace, of the process a pidfd refers to (0: it has exited).
+
+    A snapshot lives in a pid namespace of its own; the pids it knows are not ours. The
+    kernel translates in the pidfd's fdinfo, for the namespace of the /proc we read it in.
+    """
+    with open(f"/proc/self/fdinfo/{pidfd}") as f:
+        for line in f:
+            if line.startswith("Pid:"):
+                return max(int(line.split()[1]), 0)
+    raise OSError(f"fd {pidfd} is not a pidfd")
+
+
 def kill_pid(pid: int) -> None:
+    if pid <= 0:  # never a process group, never "everything we may signal"
+        return
     try:
         os.kill(pid, signal.SIGKILL)
     except OSError as exc:

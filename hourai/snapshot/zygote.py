@@ -15,6 +15,7 @@ exits to the daemon.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import importlib
 import os
@@ -88,8 +89,11 @@ def exit_message(pid: int, status: int) -> dict[str, Any]:
     }
 
 
-def _serve(channel: BlockingChannel, reaper: _Reaper, on_message: Any, on_exit: Any = None) -> None:
-    """The zygote loop: commands from the daemon, exits of children, until the channel closes."""
+def _serve(channel: BlockingChannel, reaper: _Reaper, on_message: Any, on_exit: Any) -> None:
+    """The zygote loop: commands from the daemon, exits of children, until the channel closes.
+
+    ``on_exit(pid, status)`` turns a reaped child into the message the daemon gets, or None.
+    """
     poller = select.poll()
     poller.register(channel.fileno(), select.POLLIN)
     poller.register(reaper.rfd, select.POLLIN)
@@ -102,8 +106,9 @@ def _serve(channel: BlockingChannel, reaper: _Reaper, on_message: Any, on_exit: 
         reaper.drain()
         try:
             for pid, status in reaper.reap():
-                if on_exit is None or on_exit(pid):
-                    channel.send(exit_message(pid, status))
+                message = on_exit(pid, status)
+                if message is not None:
+                    channel.send(message)
             if channel.has_buffered() or _readable(channel):
                 msg, fds = channel.recv()
                 if on_message(msg, fds) is False:
@@ -126,6 +131,10 @@ class RootZygote:
 
     def run(self) -> None:
         sandbox.die_with_parent(os.getppid())
+        # A snapshot is pid 1 of its own pid namespace, where getppid() says 0: it watches
+        # this pidfd of ours instead. The namespace handle lets us come back from unshare().
+        self.pidfd = os.pidfd_open(os.getpid())
+        self.pid_ns = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
         gc.disable()  # re-enabled in workers; zygotes allocate little and must not dirty pages
         for name in self.preloads:
             try:
@@ -136,7 +145,7 @@ class RootZygote:
         gc.freeze()
         self.reaper = _Reaper()
         self.channel.send({"t": "hello", "pid": os.getpid()})
-        _serve(self.channel, self.reaper, self.on_message)
+        _serve(self.channel, self.reaper, self.on_message, exit_message)
 
     def on_message(self, msg: dict[str, Any], fds: list[int]) -> bool:
         if msg["t"] == "spawn":
@@ -152,7 +161,10 @@ class RootZygote:
         snapshot_fd, output_fd = fds
         sys.stdout.flush()
         sys.stderr.flush()
-        pid = os.fork()
+        if msg["spec"].get("sandbox"):
+            pid = sandbox.fork_in_new_pid_namespace(self.pid_ns)
+        else:
+            pid = os.fork()
         if pid == 0:
             try:
                 self._become_snapshot(msg["spec"], snapshot_fd, output_fd)
@@ -165,38 +177,62 @@ class RootZygote:
     def _become_snapshot(self, spec: dict[str, Any], snapshot_fd: int, output_fd: int) -> None:
         # The checklist between fork() and tenant code. Keep it short and linear: it is the
         # security boundary.
-        parent = os.getppid()
         # 1. signals: the root zygote's SIGCHLD hook and wakeup fd are not ours
         sandbox.reset_signals()
-        # 2. fds: drop the root's channel and reaper; output goes to the daemon's pipe
+        # 2. fds: drop the root's channel, reaper and namespace handle; output goes to the
+        # daemon's pipe
         self.channel.sock.close()
         self.reaper.close()
+        os.close(self.pid_ns)
         os.dup2(output_fd, 1)
         os.dup2(output_fd, 2)
         os.close(output_fd)
         channel = BlockingChannel(socket.socket(fileno=snapshot_fd))
         # 3. die with the root zygote (and so with the daemon)
-        sandbox.die_with_parent(parent)
+        sandbox.die_with_parent(parent_pidfd=self.pidfd)
+        try:
+            self._confine(spec)
+        except OSError as exc:
+            channel.send(
+                {
+                    "t": "failed",
+                    "error": f"cannot confine the function's snapshot: {exc}",
+                    "details": traceback.format_exc(),
+                }
+            )
+            return
+        # 9. the tenant's code
+        Snapshot(channel, spec).run()
+
+    def _confine(self, spec: dict[str, Any]) -> None:
+        uid, gid = spec.get("uid"), spec.get("gid")
         # 4. the tenant's cgroup, before a single tenant page is touched; under memory
         # pressure the kernel takes workers first, then snapshots, never the daemon
         sandbox.join_cgroup(spec.get("cgroup_procs", []))
         sandbox.set_oom_score_adj(SNAPSHOT_OOM_SCORE_ADJ)
-        # 5. orphans of tenant code stay ours to reap and kill
-        sandbox.child_subreaper()
+        # 5. a sandbox of our own (we are pid 1 of a new pid namespace): only our processes
+        # in /proc, a private tmpfs behind /tmp and /dev/shm. Without one, orphans of tenant
+        # code are still ours to reap and kill as subreaper.
+        if spec.get("sandbox"):
+            needed = [spec.get("cwd") or "", *sys.path, *sandbox.package_dirs()]
+            sandbox.private_mounts(spec["tmp_size"], uid, gid, keep=needed)
+        else:
+            sandbox.child_subreaper()
         # 6. limits, then privileges (the library path first: after setuid we could not
         # open it any more)
         sandbox.set_rlimits(spec.get("rlimits", {}))
-        if spec.get("uid") is not None:
-            sandbox.keep_sys_path_reachable(spec["uid"], spec["gid"])
-            sandbox.drop_privileges(spec["uid"], spec["gid"])
+        if uid is not None:
+            sandbox.keep_sys_path_reachable(uid, gid)
+            sandbox.drop_privileges(uid, gid)
+        # 7. the credential change cleared the death signal: set it again, now for good
+        sandbox.die_with_parent(parent_pidfd=self.pidfd)
+        os.close(self.pidfd)
         sandbox.no_new_privs()
-        # 7. environment: only what the function was given
+        # 8. environment: only what the function was given
         os.environ.clear()
         os.environ.update(spec.get("env", {}))
         if spec.get("cwd"):
             os.chdir(spec["cwd"])
-        # 8. the tenant's code
-        Snapshot(channel, spec).run()
 
 
 # --------------------------------------------------------------------------- snapshot
@@ -207,7 +243,7 @@ class Snapshot:
         self.channel = channel
         self.spec = spec
         self.invoker: Invoker | None = None
-        self.children: set[int] = set()
+        self.children: dict[int, int] = {}  # pid -> wid of our workers
 
     def run(self) -> None:
         started = time.perf_counter()
@@ -250,14 +286,31 @@ class Snapshot:
         for pid in self.children:
             _kill_group(pid)
 
-    def on_exit(self, pid: int) -> bool:
-        """A child ended. A worker's own children (its process group) go with it; orphans
-        we reaped as subreaper are not the daemon's business."""
-        if pid not in self.children:
-            return False
-        self.children.discard(pid)
-        _kill_group(pid)
-        return True
+    def on_exit(self, pid: int, status: int) -> dict[str, Any] | None:
+        """A child ended. What a worker started goes with it: its process group at once, and
+        whatever escaped the group (setsid and a double fork) reparented to the worker, a
+        subreaper, and now to us. Our only rightful children are workers, so every other
+        child is such a leftover. Orphans are not the daemon's business; workers are, by wid
+        (our pids mean nothing in the daemon's pid namespace)."""
+        wid = self.children.pop(pid, None)
+        if wid is not None:
+            _kill_group(pid)
+        self._kill_strays()
+        if wid is None:
+            return None
+        return {**exit_message(pid, status), "wid": wid}
+
+    def _kill_strays(self) -> None:
+        try:
+            with open(f"/proc/self/task/{os.getpid()}/children") as f:
+                pids = [int(p) for p in f.read().split()]
+        except OSError:
+            return
+        for pid in pids:
+            if pid not in self.children:
+                _kill_group(pid)
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
 
     def on_message(self, msg: dict[str, Any], fds: list[int]) -> bool:
         kind = msg["t"]
@@ -292,10 +345,15 @@ class Snapshot:
                 os._exit(code)
         worker_end.close()
         os.close(out_w)
-        self.children.add(pid)
-        self.channel.send({"t": "forked", "wid": wid, "pid": pid}, fds=[daemon_end.fileno(), out_r])
+        self.children[pid] = wid
+        # The daemon sees another pid namespace: a pidfd tells it which process this is.
+        pidfd = os.pidfd_open(pid)
+        self.channel.send(
+            {"t": "forked", "wid": wid, "pid": pid}, fds=[daemon_end.fileno(), out_r, pidfd]
+        )
         daemon_end.close()
         os.close(out_r)
+        os.close(pidfd)
 
     def _become_worker(
         self, worker_end: socket.socket, daemon_end: socket.socket, out_r: int, out_w: int
@@ -315,8 +373,10 @@ class Snapshot:
         os.close(out_w)
         sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
         sys.stderr.reconfigure(line_buffering=True)  # type: ignore[union-attr]
-        # 3. die with the snapshot
+        # 3. die with the snapshot; keep what the function starts below us, even what
+        # escapes our process group, so it can be killed with us (see Snapshot.on_exit)
         sandbox.die_with_parent(parent)
+        sandbox.child_subreaper()
         # 4. this process allocates: collect again (the frozen heap stays out of it)
         gc.enable()
         # 5. fresh randomness: Python reseeds `random` at fork; do it explicitly so a

@@ -14,7 +14,12 @@ def handler(event, context):
     path = event["rawPath"]
     params = event.get("queryStringParameters") or {}
     if path.endswith("/pid"):
-        return {"pid": os.getpid(), "ppid": os.getppid(), "imported_in": IMPORTED_IN}
+        return {
+            "pid": os.getpid(),
+            "ppid": os.getppid(),
+            "imported_in": IMPORTED_IN,
+            "pidns": os.stat("/proc/self/ns/pid").st_ino,
+        }
     if path.endswith("/sleep"):
         time.sleep(float(params.get("s", "1")))
         return {"slept": float(params.get("s", "1"))}
@@ -58,7 +63,7 @@ def concurrent(event, context):
     if _barrier is None:
         _barrier = threading.Barrier(n, timeout=20)
     _barrier.wait()
-    return {"pid": os.getpid()}
+    return {"pid": os.getpid(), "pidns": os.stat("/proc/self/ns/pid").st_ino}
 
 
 async def concurrent_async(event, context):
@@ -73,7 +78,7 @@ async def concurrent_async(event, context):
     if _barrier["count"] >= n:
         _barrier["event"].set()
     await asyncio.wait_for(_barrier["event"].wait(), 20)
-    return {"pid": os.getpid()}
+    return {"pid": os.getpid(), "pidns": os.stat("/proc/self/ns/pid").st_ino}
 
 
 _leak: list[bytearray] = []
@@ -84,4 +89,8 @@ def leaky(event, context):
     chunk = bytearray(24 << 20)
     chunk[::4096] = b"x" * len(chunk[::4096])
     _leak.append(chunk)
-    return {"pid": os.getpid(), "held_mib": 24 * len(_leak)}
+    return {
+        "pid": os.getpid(),
+        "pidns": os.stat("/proc/self/ns/pid").st_ino,
+        "held_mib": 24 * len(_leak),
+    }

@@ -18,6 +18,7 @@ def handler(event, context):
             cgroups = f.read().splitlines()
         return {
             "pid": os.getpid(),
+            "pidns": os.stat("/proc/self/ns/pid").st_ino,
             "uid": os.getuid(),
             "gid": os.getgid(),
             "groups": os.getgroups(),

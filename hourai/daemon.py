@@ -67,6 +67,9 @@ _EXIT_STATUS_GRACE = 0.5
 WORKER_MEMORY_INTERVAL = 1.0
 # A spare refill waits for the request that used the spare to be answered, or this long.
 REFILL_DELAY = 0.005
+# A dead root zygote is restarted at once, then with doubling delays while it keeps failing.
+ZYGOTE_RESTART_DELAY = 0.2
+ZYGOTE_RESTART_MAX_DELAY = 30.0
 
 
 class DeployError(Exception):
@@ -157,9 +160,12 @@ class Runtime:
         self.settings = settings or RuntimeSettings()
         self.loop = asyncio.get_running_loop()
         self.scheduler = Scheduler(self.loop.time, max_host_workers=self.settings.max_host_workers)
-        self.zygote = RootZygote(
-            self.loop, preloads=self.settings.preloads, output_sink=self._function_output
-        )
+        self.zygote = self._new_zygote()
+        # Builds asked for while the root zygote is down: done once it is back.
+        self._builds_waiting: list[tuple[str, str]] = []
+        self._zygote_restarts = 0
+        self._zygote_started = 0.0
+        self._zygote_backoff = 0.0
         self.functions: dict[str, FunctionSpec] = {}
         self.versions: dict[tuple[str, str], Version] = {}
         self.workers: dict[int, WorkerProc] = {}
@@ -233,8 +239,8 @@ class Runtime:
         stale = self.cgroups.cleanup_stale()
         if stale:
             log.warning("removed cgroups left by an earlier run: %s", ", ".join(stale))
-        self.zygote.on_lost = self._zygote_lost
         await self.zygote.start()
+        self._zygote_started = self.loop.time()
         if self.resources is not None:
             self._spawn(self.resources.run(), "adaptive policy")
         self._spawn(self._watch_worker_memory(), "worker memory watch")
@@ -310,8 +316,51 @@ class Runtime:
 
         task.add_done_callback(done)
 
+    def _new_zygote(self) -> RootZygote:
+        zygote = RootZygote(
+            self.loop, preloads=self.settings.preloads, output_sink=self._function_output
+        )
+        zygote.on_lost = self._zygote_lost
+        return zygote
+
     def _zygote_lost(self, reason: str) -> None:
-        log.critical("root zygote died (%s): no new snapshot can be built", reason)
+        # Its snapshots die with it (and report themselves lost); a new one serves the
+        # rebuilds. Until it is up, /healthz says so and builds wait for it.
+        log.critical("root zygote died (%s): restarting it", reason)
+        self._spawn(self._restart_zygote(), "root zygote restart")
+
+    async def _restart_zygote(self) -> None:
+        self.zygote.kill()  # and reap it
+        # One that keeps dying soon after its start is restarted more and more slowly.
+        short_lived = self.loop.time() - self._zygote_started < ZYGOTE_RESTART_MAX_DELAY
+        self._zygote_backoff = (
+            min(max(self._zygote_backoff * 2, ZYGOTE_RESTART_DELAY), ZYGOTE_RESTART_MAX_DELAY)
+            if short_lived
+            else 0.0
+        )
+        await asyncio.sleep(self._zygote_backoff)
+        delay = ZYGOTE_RESTART_DELAY
+        while True:
+            self._zygote_restarts += 1
+            self.zygote.kill()
+            zygote = self._new_zygote()
+            try:
+                await zygote.start()
+            except (RuntimeError, OSError) as exc:
+                log.error("root zygote restart failed (%s); next try in %.1fs", exc, delay)
+                zygote.on_lost = None
+                zygote.kill()
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, ZYGOTE_RESTART_MAX_DELAY)
+                continue
+            self.zygote = zygote
+            self._zygote_started = self.loop.time()
+            log.warning("root zygote restarted (pid %s)", zygote.pid)
+            waiting, self._builds_waiting = self._builds_waiting, []
+            for function, version in waiting:
+                if (function, version) in self.versions:
+                    self._build(function, version)
+            return
 
     # ------------------------------------------------------------------ deploy
 
@@ -395,6 +444,9 @@ class Runtime:
                     version, SnapshotFailed(f"tenant {spec.tenant}'s cgroup is gone: {exc}")
                 )
                 return
+        if not self.zygote.running:
+            self._builds_waiting.append((function, version_id))
+            return
         fid = f"{function}@{version_id}#{next(self._fids)}"
         events = WorkerEvents(
             forked=lambda wid, pid, sock, out: self._worker_forked(version, wid, pid, sock, out),

@@ -422,7 +422,7 @@ class Config:
 TOP_KEYS: dict[str, tuple[Callable[[Any], Any], str]] = {
     "listen": (_addresses, "HTTP addresses for function traffic"),
     "domain": (_optional(lambda v: _str(v).strip(".").lower()), "route NAME.DOMAIN to NAME"),
-    "state_dir": (_path, "registry, code store, logs, tenant temp dirs"),
+    "state_dir": (_path, "registry, code store, logs"),
     "socket": (_path, "control API socket"),
     "socket_group": (_group, "group allowed to use the control socket"),
     "metrics_listen": (_optional_address, "extra TCP address serving /metrics and /healthz"),

@@ -64,9 +64,12 @@ class Embedded:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(600)
 
     async def _start(self):  # type: ignore[no-untyped-def]
+        from hourai.cgroup import TenantLimits
         from hourai.daemon import Runtime, RuntimeSettings
 
-        runtime = Runtime(RuntimeSettings(policy=None))
+        # All N functions are one tenant's: without the default tenant limits, which a
+        # thousand snapshots and workers would pass.
+        runtime = Runtime(RuntimeSettings(policy=None, tenant_defaults=TenantLimits()))
         await runtime.start()
         return runtime
 

@@ -308,7 +308,10 @@ def cmd_show(args: argparse.Namespace) -> int:
             _print_json(doc)
             return
         print(f"{doc['name']}: {doc['state']}, version {doc.get('active') or '-'}")
-        for key in ("tenant", "code", "tenant_limits", "min_warm", "restore_error", "limits_error"):
+        for key in (
+            *("tenant", "code", "tenant_limits", "declared_tenant_limits", "min_warm"),
+            *("restore_error", "limits_error"),
+        ):
             if doc.get(key) not in (None, ""):
                 print(f"  {key.replace('_', ' ')}: {doc[key]}")
         if doc.get("env"):

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hourai.cgroup import CgroupError, TenantLimits, is_valid_name
+from hourai.cgroup import DEFAULT_TENANT_LIMITS, CgroupError, TenantLimits, is_valid_name
 from hourai.registry import check_name
 from hourai.scheduler.core import FunctionLimits
 from hourai.tenants import DEFAULT_UID_RANGE
@@ -397,6 +397,9 @@ class Config:
     keep_versions: int = 10
     log: LogConfig = field(default_factory=LogConfig)
     defaults: Mapping[str, Any] = field(default_factory=dict)
+    # Tenants' cgroup limits: every tenant's unless said otherwise, and per tenant.
+    tenant_defaults: TenantLimits = DEFAULT_TENANT_LIMITS
+    tenants: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)  # field -> value
     source: Path | None = None  # the file it came from
 
     @property
@@ -453,6 +456,22 @@ def parse_config(data: Mapping[str, Any], source: str = "config") -> Config:
     for key, raw in data.items():
         if key == "log":
             values["log"] = _parse_log(raw, source)
+        elif key == "tenant_defaults":
+            # replaces the built-in defaults: what it leaves out is unlimited
+            values["tenant_defaults"] = TenantLimits(
+                **_parse_tenant_limits(raw, f"{source}: [tenant_defaults]")
+            )
+        elif key == "tenants":
+            if not isinstance(raw, Mapping):
+                raise ConfigError(f"{source}: [tenants] must hold one table per tenant")
+            tenants = {}
+            for name, table in raw.items():
+                try:
+                    check_name(str(name), "tenant name")
+                except ValueError as exc:
+                    raise ConfigError(f"{source}: [tenants.{name}]: {exc}") from None
+                tenants[str(name)] = _parse_tenant_limits(table, f"{source}: [tenants.{name}]")
+            values["tenants"] = tenants
         elif key == "defaults":
             if not isinstance(raw, Mapping):
                 raise ConfigError(f"{source}: [defaults] must be a table")
@@ -471,7 +490,7 @@ def parse_config(data: Mapping[str, Any], source: str = "config") -> Config:
             if value is not None:
                 values[key] = value
         else:
-            known = ", ".join([*TOP_KEYS, "[log]", "[defaults]"])
+            known = ", ".join([*TOP_KEYS, "[log]", "[defaults]", "[tenant_defaults]", "[tenants]"])
             raise ConfigError(f"{source}: unknown key {key!r} (known: {known})")
     config = Config(**values)
     check_socket_path(config.socket_path, source)
@@ -484,6 +503,38 @@ def check_socket_path(path: Path, source: str = "config") -> None:
             f"{source}: socket: {path} is longer than the {MAX_SOCKET_PATH} bytes a unix "
             "socket path may have; set socket to a shorter path"
         )
+
+
+# A tenant's cgroup limits in the config: the same names and units as the function options
+# (--memory, --cpu, --pids) that may also declare them.
+TENANT_LIMIT_KEYS: dict[str, tuple[str, str]] = {
+    "memory": ("memory_max", "the tenant's memory limit (its cgroup's memory maximum)"),
+    "cpu": ("cpu_max", "the tenant's CPU quota in cores"),
+    "pids": ("pids_max", "the tenant's limit on processes and threads"),
+}
+
+
+def _parse_tenant_limits(raw: Any, where: str) -> dict[str, Any]:
+    """``memory``/``cpu``/``pids`` as TenantLimits fields; ``"unlimited"`` is None, which
+    lifts a default."""
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{where} must be a table")
+    given: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key not in TENANT_LIMIT_KEYS:
+            raise ConfigError(
+                f"{where}: unknown key {key!r} (known: {', '.join(TENANT_LIMIT_KEYS)})"
+            )
+        try:
+            parsed = None if value == "unlimited" else FUNCTION_OPTIONS[key].parse(value)
+        except (ValueError, CgroupError) as exc:
+            raise ConfigError(f"{where} {key}: {exc}") from None
+        given[TENANT_LIMIT_KEYS[key][0]] = parsed
+    try:
+        TenantLimits(**given)
+    except CgroupError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+    return given
 
 
 def _parse_log(raw: Any, source: str) -> LogConfig:

@@ -18,12 +18,19 @@ import shutil
 import signal
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hourai.cgroup import CgroupBackend, CgroupError, TenantLimits, detect
+from hourai.cgroup import (
+    DEFAULT_TENANT_LIMITS,
+    CgroupBackend,
+    CgroupError,
+    TenantLimits,
+    detect,
+    merge_declared,
+)
 from hourai.cgroup.owner import SubtreeClaim, claim_subtree
 from hourai.channel import AsyncChannel
 from hourai.codestore import CodeStore
@@ -107,6 +114,9 @@ class RuntimeSettings:
     # (`hourai run`, benchmarks), so several can run side by side.
     cgroup_subtree: str | None = None
     uid_range: tuple[int, int] = DEFAULT_UID_RANGE
+    # Every tenant's limits unless it says otherwise; and what the operator set per tenant.
+    tenant_defaults: TenantLimits = DEFAULT_TENANT_LIMITS
+    tenant_config: dict[str, dict[str, Any]] = field(default_factory=dict)  # field -> value
     separate_uids: bool | None = None  # None: when running as root
     worker_nofile: int = 1024
     # The adaptive resource policy (snapshot keep-alive, pre-warm, eviction, admission,
@@ -393,21 +403,74 @@ class Runtime:
         return info
 
     def _declare(self, spec: FunctionSpec) -> None:
-        """The tenant exists (uid, temp dir, cgroup with the declared limits) and the policy
-        knows the function."""
+        """The tenant exists (uid, cgroup with its limits) and the policy knows the function."""
         self.tenants.get(spec.tenant)
-        limits = spec.resources or self.tenant_limits.get(spec.tenant) or TenantLimits()
+        limits = self.effective_tenant_limits(spec.tenant, deploying=spec)
         self.cgroups.create(spec.tenant, limits)
         self.tenant_limits[spec.tenant] = limits
         if self.resources is not None:
             self.resources.declare_tenant(spec.tenant, limits)
             self.resources.register(spec.name, spec.tenant)
 
+    def effective_tenant_limits(
+        self, tenant: str, deploying: FunctionSpec | None = None
+    ) -> TenantLimits:
+        """A tenant's limits are the tenant's, whichever function is deployed last: the
+        defaults, overlaid with what its functions declare (per field the largest: one that
+        declares only pids drops nothing), overlaid with what the operator set for the
+        tenant, which wins. What the adaptive policy sized (memory.high, cpu weight) stays
+        unless one of those sets it."""
+        specs = {n: s for n, s in self.functions.items() if s.tenant == tenant}
+        if deploying is not None:
+            specs[deploying.name] = deploying
+        declared = merge_declared([s.resources for s in specs.values() if s.resources])
+        limits = dataclasses.replace(
+            self.settings.tenant_defaults.overlay(declared),
+            **self.settings.tenant_config.get(tenant, {}),
+        )
+        sized = self.tenant_limits.get(tenant)
+        if sized is not None:
+            limits = dataclasses.replace(
+                limits,
+                memory_high=limits.memory_high or sized.memory_high,
+                cpu_weight=limits.cpu_weight or sized.cpu_weight,
+            )
+        return limits
+
+    def set_tenant_config(
+        self, defaults: TenantLimits, per_tenant: Mapping[str, Mapping[str, Any]]
+    ) -> list[str]:
+        """New operator limits (a config reload): applied to every tenant at once; returns
+        the tenants whose limits could not be written, with why."""
+        self.settings.tenant_defaults = defaults
+        self.settings.tenant_config = {t: dict(v) for t, v in per_tenant.items()}
+        failed = []
+        for tenant in sorted({s.tenant for s in self.functions.values()}):
+            try:
+                self._apply_tenant_limits(tenant)
+            except CgroupError as exc:
+                failed.append(f"{tenant}: {exc}")
+        return failed
+
+    def _apply_tenant_limits(self, tenant: str) -> None:
+        limits = self.effective_tenant_limits(tenant)
+        if limits != self.tenant_limits.get(tenant):
+            self.cgroups.set_limits(tenant, limits)
+            self.tenant_limits[tenant] = limits
+            if self.resources is not None:
+                self.resources.declare_tenant(tenant, limits)
+
     def remove(self, name: str) -> None:
         self._apply(self.scheduler.remove(name))
-        self.functions.pop(name, None)
+        spec = self.functions.pop(name, None)
         if self.resources is not None:
             self.resources.forget(name)
+        if spec is not None and any(s.tenant == spec.tenant for s in self.functions.values()):
+            # what only this function declared no longer counts for its tenant
+            try:
+                self._apply_tenant_limits(spec.tenant)
+            except CgroupError as exc:
+                log.warning("tenant %s: could not lower its limits: %s", spec.tenant, exc)
 
     def set_tenant_caps(self, tenant: str, caps: TenantCaps) -> None:
         """Caps over all of a tenant's functions: concurrent invocations, rate."""
@@ -436,7 +499,7 @@ class Runtime:
             # Removed under us (by hand, or by a tool that thought it stale): put it back
             # with the tenant's limits rather than let the snapshot fail to join it.
             log.warning("tenant %s: its cgroup was gone; recreating it", spec.tenant)
-            limits = self.tenant_limits.get(spec.tenant) or TenantLimits()
+            limits = self.effective_tenant_limits(spec.tenant)
             try:
                 self.cgroups.create(spec.tenant, limits)
             except CgroupError as exc:
@@ -516,7 +579,7 @@ class Runtime:
         sandboxed = tenant.uid is not None
         self.codestore.grant(Path(spec.target.root), spec.tenant)
         env = default_env(spec.name, "/tmp" if sandboxed else str(tenant.tmpdir))
-        memory = spec.resources.memory_max if spec.resources else None
+        memory = self.effective_tenant_limits(spec.tenant).memory_max
         if memory:
             env["AWS_LAMBDA_FUNCTION_MEMORY_SIZE"] = str(memory >> 20)
         env.update(spec.env)
@@ -708,7 +771,7 @@ class Runtime:
             and worker.exit.signal == signal.SIGKILL
             and self.cgroups.oom_killed_since(spec.tenant, worker.oom_mark)
         ):
-            limit = spec.resources.memory_max if spec.resources else None
+            limit = self.effective_tenant_limits(spec.tenant).memory_max
             what = f"{format_size(limit)} memory limit" if limit else "memory limit"
             return (
                 f"worker of {worker.function} was killed by the kernel's OOM killer: "

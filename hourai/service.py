@@ -31,7 +31,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from hourai.cgroup import CgroupError, TenantLimits
+from hourai.cgroup import CgroupError
 from hourai.codestore import CodeStoreError
 from hourai.config import (
     Config,
@@ -153,6 +153,8 @@ class Daemon:
                     cgroup_backend=config.cgroup_backend,
                     cgroup_subtree=config.cgroup_subtree,
                     uid_range=config.uid_range,
+                    tenant_defaults=config.tenant_defaults,
+                    tenant_config={t: dict(v) for t, v in config.tenants.items()},
                     policy=PolicyParams(memory_budget_bytes=config.memory_budget)
                     if config.adaptive
                     else None,
@@ -893,7 +895,9 @@ class Daemon:
                 limits = self._limits(active.options)
                 doc["limits"] = dataclasses.asdict(limits.function)
                 doc["min_warm"] = limits.min_warm
-                doc["tenant_limits"] = limits.tenant.describe() if limits.tenant else None
+                doc["declared_tenant_limits"] = limits.tenant.describe() if limits.tenant else None
+                with contextlib.suppress(CgroupError, OSError):  # read back from the kernel
+                    doc["tenant_limits"] = self.runtime.cgroups.applied(active.tenant).describe()
             except ConfigError as exc:
                 doc["limits_error"] = str(exc)
         if st is not None:
@@ -944,8 +948,11 @@ class Daemon:
                 entry.update(dataclasses.asdict(runtime.cgroups.usage(tenant)))
             except (CgroupError, OSError) as exc:
                 entry["error"] = str(exc)
-            declared = runtime.tenant_limits.get(tenant) or TenantLimits()
-            entry["limits"] = declared.describe()
+            entry["declared"] = runtime.effective_tenant_limits(tenant).describe()
+            try:  # what the kernel enforces, read back
+                entry["limits"] = runtime.cgroups.applied(tenant).describe()
+            except (CgroupError, OSError) as exc:
+                entry["limits"] = f"unreadable: {exc}"
             with contextlib.suppress(Exception):
                 entry["uid"] = runtime.tenants.get(tenant).uid
             tenants[tenant] = entry
@@ -997,6 +1004,9 @@ class Daemon:
             self.router.domain = Router({}, domain=new.domain).domain
         if self.runtime.resources is not None and new.memory_budget != old.memory_budget:
             self.runtime.resources.policy.set_memory_budget(new.memory_budget)
+        if (new.tenant_defaults, new.tenants) != (old.tenant_defaults, old.tenants):
+            for problem in self.runtime.set_tenant_config(new.tenant_defaults, new.tenants):
+                log.error("reload: tenant limits not applied: %s", problem)
         failed: dict[str, str] = {}
         if new.defaults != old.defaults:
             failed = await self._apply_defaults()

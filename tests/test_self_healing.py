@@ -15,11 +15,14 @@ NO_SPARES = "[defaults]\nspares = 0\n"
 
 
 def _root_zygote(pid: int) -> psutil.Process:
-    (zygote,) = [
-        p
-        for p in psutil.Process(pid).children()
-        if "hourai.snapshot.zygote" in " ".join(p.cmdline()) and p.status() != "zombie"
-    ]
+    found = []
+    for child in psutil.Process(pid).children():
+        try:
+            if child.status() != "zombie" and "hourai.snapshot.zygote" in " ".join(child.cmdline()):
+                found.append(child)
+        except psutil.Error:  # gone, or died between the two reads
+            continue
+    (zygote,) = found
     return zygote
 
 

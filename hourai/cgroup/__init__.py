@@ -25,6 +25,7 @@ Typical use::
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import os
 import re
@@ -37,6 +38,7 @@ from typing import Protocol, runtime_checkable
 from hourai.units import format_size, parse_cpus, parse_size
 
 __all__ = [
+    "DEFAULT_TENANT_LIMITS",
     "CgroupBackend",
     "CgroupError",
     "Mount",
@@ -149,6 +151,13 @@ class TenantLimits:
             pids_max=pids_max,
         )
 
+    def overlay(self, other: TenantLimits | None) -> TenantLimits:
+        """These limits with every field that ``other`` sets taken from it."""
+        if other is None:
+            return self
+        given = {f: v for f in _LIMIT_FIELDS if (v := getattr(other, f)) is not None}
+        return dataclasses.replace(self, **given)
+
     def cpu_quota_us(self, period_us: int) -> int | None:
         """CFS quota for ``period_us``, or None for no quota."""
         if self.cpu_max is None:
@@ -169,6 +178,26 @@ class TenantLimits:
         if self.pids_max is not None:
             parts.append(f"pids {self.pids_max}")
         return ", ".join(parts) or "unlimited"
+
+
+_LIMIT_FIELDS = ("memory_max", "memory_high", "cpu_max", "cpu_weight", "pids_max")
+# What a tenant gets when neither the operator nor its functions say otherwise: a tenant
+# must not be able to take the whole host by default (the operator's [tenant_defaults]
+# replaces these).
+DEFAULT_TENANT_LIMITS = TenantLimits(memory_max=2 << 30, pids_max=1024)
+
+
+def merge_declared(declared: list[TenantLimits]) -> TenantLimits:
+    """What a tenant's functions declare together: per field the largest value any of them
+    asks for. Order-independent (a restart restores functions in any order) and a function
+    that declares one limit never drops another's."""
+    merged: dict[str, int | float] = {}
+    for limits in declared:
+        for name in _LIMIT_FIELDS:
+            value = getattr(limits, name)
+            if value is not None:
+                merged[name] = max(merged.get(name, value), value)
+    return TenantLimits(**merged)  # type: ignore[arg-type]
 
 
 @dataclass(frozen=True)
@@ -262,6 +291,10 @@ class CgroupBackend(Protocol):
 
     def remove_subtree(self) -> None:
         """Remove every tenant group and the subtree directory itself (shutdown, tests)."""
+        ...
+
+    def applied(self, tenant: str) -> TenantLimits:
+        """The tenant's limits as the kernel has them now (read back, not remembered)."""
         ...
 
     def subtree_dirs(self) -> list[str]:

@@ -132,6 +132,9 @@ class NoneBackend:
         # (PR_SET_PDEATHSIG) and there are no groups to list.
         return []
 
+    def applied(self, tenant: str) -> TenantLimits:
+        return TenantLimits()  # nothing is enforced
+
     def subtree_dirs(self) -> list[str]:
         return []
 

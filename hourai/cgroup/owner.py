@@ -31,14 +31,18 @@ class SubtreeInUse(CgroupError):
 class SubtreeClaim:
     """Held locks on our subtree directories; :meth:`release` at stop."""
 
-    def __init__(self, fds: list[int]) -> None:
-        self.fds = fds
+    def __init__(self, held: list[tuple[Path, int]]) -> None:
+        self.held = held
 
     def release(self) -> None:
-        for fd in self.fds:
+        # Unlinked while still locked: a daemon that opened the file meanwhile sees, once it
+        # has the lock, that the name is gone and starts over (see _lock).
+        for path, fd in self.held:
+            with contextlib.suppress(OSError):
+                path.unlink()
             with contextlib.suppress(OSError):
                 os.close(fd)
-        self.fds = []
+        self.held = []
 
 
 def claim_subtree(
@@ -46,29 +50,41 @@ def claim_subtree(
 ) -> SubtreeClaim:
     """Lock every directory of our subtree, or raise SubtreeInUse naming the owner."""
     directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-    fds: list[int] = []
+    held: list[tuple[Path, int]] = []
     try:
         for path in dirs:
             name = hashlib.sha256(os.path.realpath(path).encode()).hexdigest()[:32]
-            fd = os.open(directory / f"{name}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                holder = _holder(fd)
-                os.close(fd)
-                raise SubtreeInUse(
-                    f"the cgroup subtree {path} belongs to another running hourai (pid "
-                    f"{holder.get('pid', '?')}, state dir {holder.get('state_dir', '?')}); give "
-                    "this daemon a subtree of its own with cgroup_subtree in its config"
-                ) from None
+            lock = directory / f"{name}.lock"
+            fd = _lock(lock, path)
             doc = {"pid": os.getpid(), "state_dir": state_dir, "dir": path}
             os.ftruncate(fd, 0)
             os.pwrite(fd, json.dumps(doc).encode(), 0)
-            fds.append(fd)
+            held.append((lock, fd))
     except BaseException:
-        SubtreeClaim(fds).release()
+        SubtreeClaim(held).release()
         raise
-    return SubtreeClaim(fds)
+    return SubtreeClaim(held)
+
+
+def _lock(lock: Path, subtree_dir: str) -> int:
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _holder(fd)
+            os.close(fd)
+            raise SubtreeInUse(
+                f"the cgroup subtree {subtree_dir} belongs to another running hourai (pid "
+                f"{holder.get('pid', '?')}, state dir {holder.get('state_dir', '?')}); give "
+                "this daemon a subtree of its own with cgroup_subtree in its config"
+            ) from None
+        try:
+            if os.stat(lock).st_ino == os.fstat(fd).st_ino:
+                return fd
+        except FileNotFoundError:
+            pass
+        os.close(fd)  # its owner released and unlinked it as we opened it: again
 
 
 def _holder(fd: int) -> dict[str, object]:

@@ -330,6 +330,30 @@ class V1Backend:
             self.remove(name)
         return names
 
+    def applied(self, tenant: str) -> TenantLimits:
+        self._require(tenant)
+
+        def read(controller: str, name: str) -> str:
+            path = os.path.join(self._node(controller, tenant).full_path.decode(), name)
+            with self._errors(f"reading {path}"), open(path) as f:
+                return f.read().strip()
+
+        def limit(text: str) -> int | None:
+            value = int(text)  # "unlimited" reads back as a page-aligned LONG_MAX
+            return None if value >= (sys.maxsize // 4096) * 4096 or value < 0 else value
+
+        quota = int(read("cpu", "cpu.cfs_quota_us"))
+        period = int(read("cpu", "cpu.cfs_period_us"))
+        shares = int(read("cpu", "cpu.shares"))
+        pids = read("pids", "pids.max")
+        return TenantLimits(
+            memory_max=limit(read("memory", "memory.limit_in_bytes")),
+            memory_high=limit(read("memory", "memory.soft_limit_in_bytes")),
+            cpu_max=None if quota < 0 else round(quota / period, 4),
+            cpu_weight=None if shares == 1024 else max(1, min(10000, shares * 100 // 1024)),
+            pids_max=None if pids == "max" else int(pids),
+        )
+
     def subtree_dirs(self) -> list[str]:
         return self._base_dirs()
 

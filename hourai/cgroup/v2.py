@@ -350,6 +350,28 @@ class V2Backend:
             self.remove(name)
         return names
 
+    def applied(self, tenant: str) -> TenantLimits:
+        path = self._existing(tenant)
+
+        def read(name: str) -> str | None:
+            try:
+                return str(self.fs.read(os.path.join(path, name))).strip()
+            except FileNotFoundError:
+                return None
+
+        def limit(text: str | None) -> int | None:
+            return None if text in (None, "max") else int(text)  # type: ignore[arg-type]
+
+        quota, _, period = (read("cpu.max") or "max").partition(" ")
+        weight = read("cpu.weight")
+        return TenantLimits(
+            memory_max=limit(read("memory.max")),
+            memory_high=limit(read("memory.high")),
+            cpu_max=None if quota == "max" else round(int(quota) / int(period), 4),
+            cpu_weight=None if weight in (None, "100") else int(weight),  # type: ignore[arg-type]
+            pids_max=limit(read("pids.max")),
+        )
+
     def subtree_dirs(self) -> list[str]:
         return [self.base]
 

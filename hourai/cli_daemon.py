@@ -91,6 +91,15 @@ def add_daemon_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore
     p.add_argument("--worker-memory", metavar="SIZE", help="recycle a worker above SIZE")
     p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--env-file", action="append", default=[], metavar="FILE")
+    p.add_argument(
+        "--schedule", metavar="EXPR", help='e.g. "rate(5 minutes)", "cron(0 12 * * ? *)"'
+    )
+    p.add_argument("--async-retries", type=int, metavar="N", help="0-2 (default 2)")
+    p.add_argument("--async-max-age", type=float, metavar="SECONDS", help="oldest event run")
+    p.add_argument("--async-concurrency", type=int, metavar="N", help="async in flight at most")
+    p.add_argument("--async-timeout", type=float, metavar="SECONDS", help="async timeout")
+    p.add_argument("--on-success", metavar="FUNCTION", help="async destination on success")
+    p.add_argument("--on-failure", metavar="FUNCTION", help="async destination on failure")
     p.set_defaults(func=cmd_deploy)
 
     p = sub.add_parser("ls", parents=[common], help="list the functions")
@@ -121,7 +130,27 @@ def add_daemon_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore
     p.add_argument(
         "-H", "--header", action="append", default=[], metavar="NAME:VALUE", help="(repeatable)"
     )
+    p.add_argument(
+        "--async",
+        dest="asynchronous",
+        action="store_true",
+        help="queue it (Lambda's InvocationType=Event): the event (--event, --data or -) is "
+        "stored durably and run later; prints its id at once",
+    )
     p.set_defaults(func=cmd_invoke)
+
+    p = sub.add_parser(
+        "invocations",
+        parents=[common],
+        help="a function's asynchronous invocations: status, attempts, result or error",
+    )
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("id", metavar="ID", nargs="?", help="one invocation, with its event")
+    p.add_argument("-n", "--limit", type=int, default=20, metavar="N", help="(default 20)")
+    p.add_argument(
+        "--status", choices=["queued", "running", "succeeded", "dead"], help="only these"
+    )
+    p.set_defaults(func=cmd_invocations)
 
     p = sub.add_parser("logs", parents=[common], help="a function's output")
     p.add_argument("name", metavar="NAME")
@@ -228,6 +257,13 @@ def cmd_deploy(args: argparse.Namespace) -> int:
         "max_requests": args.max_requests,
         "worker_memory": args.worker_memory,
         "env": env or None,
+        "schedule": args.schedule,
+        "async_retries": args.async_retries,
+        "async_max_age": args.async_max_age,
+        "async_concurrency": args.async_concurrency,
+        "async_timeout": args.async_timeout,
+        "on_success": args.on_success,
+        "on_failure": args.on_failure,
     }
     options = {k: v for k, v in options.items() if v is not None}
 
@@ -333,6 +369,8 @@ def cmd_show(args: argparse.Namespace) -> int:
             )
             if st.get("last_error"):
                 print(f"  last error: {st['last_error']}")
+        for line in _event_lines(doc):
+            print(f"  {line}")
         req = doc.get("requests")
         if req and req["requests"]:
             lat = req["latency_ms"]
@@ -353,6 +391,32 @@ def cmd_show(args: argparse.Namespace) -> int:
     return _run(args, call)
 
 
+def _event_lines(doc: dict[str, Any]) -> list[str]:
+    """What `hourai show` says of async settings, the schedule and the trigger."""
+    out = []
+    a = doc.get("async")
+    if a:
+        q = a.get("queue") or {}
+        dest = ", ".join(f"{k} -> {a[k]}" for k in ("on_success", "on_failure") if a.get(k))
+        out.append(
+            f"async: {a['retries']} retries, max age {a['max_age']:g}s, {a['concurrency']} in "
+            f"flight at most; queued {q.get('queued', 0)}, running {q.get('running', 0)}, "
+            f"dead {q.get('dead', 0)}" + (f"; {dest}" if dest else "")
+        )
+    sched = doc.get("schedule")
+    if sched:
+        out.append(f"schedule: {sched['expression']} ({sched['ticks']} ticks since start)")
+        if sched.get("missed"):
+            out.append(f"  missed: {sched['missed']}")
+    trig = doc.get("trigger")
+    if trig:
+        counts = ", ".join(f"{k} {n}" for k, n in sorted(trig["counts"].items())) or "nothing yet"
+        out.append(f"trigger: {trig['source']}, batches of {trig['batch_size']}; {counts}")
+        if trig.get("error"):
+            out.append(f"  error: {trig['error']}")
+    return out
+
+
 def cmd_rm(args: argparse.Namespace) -> int:
     def call() -> None:
         doc = _client(args).remove(args.name)
@@ -370,6 +434,8 @@ def cmd_invoke(args: argparse.Namespace) -> int:
     given = sum(x is not None for x in (args.data, args.event, args.stdin))
     if given > 1:
         raise UsageError("give at most one of --data, --event and -")
+    if args.asynchronous:
+        return _invoke_async(args)
     request: dict[str, Any] = {"path": args.path}
     if args.method:
         request["method"] = args.method
@@ -420,6 +486,76 @@ def cmd_invoke(args: argparse.Namespace) -> int:
             status = EXIT_REFUSED
 
     return _run(args, call) or status
+
+
+def _invoke_async(args: argparse.Namespace) -> int:
+    """The event as written (any JSON), queued; its id printed once it is durable."""
+    try:
+        if args.event is not None:
+            text = sys.stdin.read() if args.event == "-" else Path(args.event).read_text()
+        elif args.data is not None:
+            text = args.data
+        elif args.stdin:
+            text = sys.stdin.read()
+        else:
+            text = "{}"
+        event = json.loads(text)
+    except OSError as exc:
+        raise UsageError(f"cannot read {args.event}: {exc.strerror}") from None
+    except ValueError as exc:
+        raise UsageError(f"the event is not JSON: {exc}") from None
+
+    def call() -> None:
+        doc = _client(args).invoke_async(args.name, event)
+        if args.json:
+            _print_json(doc)
+        else:
+            print(doc["id"])
+
+    return _run(args, call)
+
+
+def cmd_invocations(args: argparse.Namespace) -> int:
+    def call() -> None:
+        client = _client(args)
+        if args.id:
+            doc = client.invocations(args.name, args.id)
+            if args.json:
+                _print_json(doc)
+                return
+            print(
+                f"{doc['id']}: {doc['status']}, {doc['attempts']} of {doc['max_attempts']} "
+                f"attempts ({doc['source']}, accepted {_ago(doc['accepted_at'])})"
+            )
+            if doc.get("condition"):
+                print(f"  condition: {doc['condition']}")
+            if doc.get("error"):
+                print(f"  error: {doc['error']}")
+            if "result" in doc:
+                print(f"  result: {json.dumps(doc['result'])}")
+            print(f"  event: {json.dumps(doc.get('event'))}")
+            return
+        doc = client.invocations(args.name, limit=args.limit, status=args.status)
+        if args.json:
+            _print_json(doc)
+            return
+        rows = [
+            [
+                i["id"],
+                i["status"],
+                f"{i['attempts']}/{i['max_attempts']}",
+                i["source"],
+                _ago(i["accepted_at"]),
+                (i.get("error") or "")[:60],
+            ]
+            for i in doc["invocations"]
+        ]
+        if not rows:
+            print(f"no async invocations of {args.name} (hourai invoke {args.name} --async)")
+            return
+        _table(rows, ["ID", "STATUS", "ATTEMPTS", "SOURCE", "ACCEPTED", "ERROR"])
+
+    return _run(args, call)
 
 
 def cmd_logs(args: argparse.Namespace) -> int:

@@ -139,6 +139,20 @@ class Client:
             "POST", f"/v1/functions/{quote(name, safe='')}/invoke", request, timeout=LONG_TIMEOUT
         )
 
+    def invoke_async(self, name: str, event: Any) -> dict[str, Any]:
+        return self.call(
+            "POST", f"/v1/functions/{quote(name, safe='')}/invocations", {"event": event}
+        )
+
+    def invocations(
+        self, name: str, iid: str | None = None, *, limit: int = 50, status: str | None = None
+    ) -> dict[str, Any]:
+        path = f"/v1/functions/{quote(name, safe='')}/invocations"
+        if iid is not None:
+            return self.call("GET", f"{path}/{quote(iid, safe='')}")
+        query = f"?limit={limit}" + (f"&status={quote(status)}" if status else "")
+        return self.call("GET", path + query)
+
     def logs(
         self, name: str, *, lines: int | None = None, cursor: str | None = None, wait: float = 0
     ) -> dict[str, Any]:

@@ -141,6 +141,34 @@ def _env(value: Any) -> dict[str, str]:
     return out
 
 
+def _int_range(low: int, high: int) -> Callable[[Any], int]:
+    base = _int(low)
+
+    def check(value: Any) -> int:
+        n = base(value)
+        if n > high:
+            raise ValueError(f"must be at most {high}, got {n}")
+        return n
+
+    return check
+
+
+def _function_name(value: Any) -> str:
+    return check_name(_str(value))
+
+
+def _schedule(value: Any) -> str:
+    from hourai.invocations.schedule import check
+
+    return check(_str(value))
+
+
+def _trigger(value: Any) -> dict[str, Any]:
+    from hourai.invocations.triggers import parse_trigger
+
+    return parse_trigger(value)
+
+
 @dataclass(frozen=True)
 class Option:
     parse: Callable[[Any], Any]
@@ -176,6 +204,18 @@ FUNCTION_OPTIONS: dict[str, Option] = {
     "tmp_size": Option(
         _size, 512 << 20, "size of the function's private /tmp and /dev/shm (charged to its tenant)"
     ),
+    # Asynchronous invocations (Lambda's names: MaximumRetryAttempts, MaximumEventAgeInSeconds).
+    "async_retries": Option(_int_range(0, 2), 2, "retries of a failed async invocation (0-2)"),
+    "async_max_age": Option(
+        _float(), 21600.0, "seconds an async event may wait, retries included; then dead letter"
+    ),
+    "async_retry_delay": Option(
+        _float(strict=False), 60.0, "seconds before the first retry; doubled for the next"
+    ),
+    "async_concurrency": Option(
+        _int(1), None, "async invocations in flight at most (unset: a quarter of the capacity)"
+    ),
+    "async_timeout": Option(_float(), None, "seconds an async invocation may run (unset: timeout)"),
 }
 # What a deploy may say beyond the limits (in hourai.toml, flags and the API).
 DEPLOY_KEYS: dict[str, Callable[[Any], Any]] = {
@@ -183,6 +223,11 @@ DEPLOY_KEYS: dict[str, Callable[[Any], Any]] = {
     "kind": _choice(*KINDS),
     "tenant": _tenant,
     "env": _env,
+    # Where async results go (Lambda's destinations): another function, invoked async.
+    "on_success": _function_name,
+    "on_failure": _function_name,
+    "schedule": _schedule,
+    "trigger": _trigger,
 }
 
 

@@ -11,6 +11,9 @@ PUT      /v1/functions/NAME                  deploy {"path", "cwd", "options"}
 DELETE   /v1/functions/NAME                  remove it
 POST     /v1/functions/NAME/rollback         {"version": null | "..."}
 POST     /v1/functions/NAME/invoke           {"method", "path", "query", "headers", "body"}
+POST     /v1/functions/NAME/invocations      {"event": ...}: queue it (202, its id)
+GET      /v1/functions/NAME/invocations      ?limit=N&status=S: recent async invocations
+GET      /v1/functions/NAME/invocations/ID   one: status, attempts, result or error
 GET      /v1/functions/NAME/logs             ?lines=N | ?cursor=C&wait=S
 GET      /v1/stats                           functions, tenants, host
 POST     /v1/reload                          re-read the config file (like SIGHUP)
@@ -71,6 +74,10 @@ class Operations(Protocol):
     async def remove(self, name: str) -> dict[str, Any]: ...
     async def rollback(self, name: str, version: str | None) -> dict[str, Any]: ...
     async def invoke(self, name: str, body: dict[str, Any]) -> dict[str, Any]: ...
+    async def invoke_async(self, name: str, body: dict[str, Any]) -> dict[str, Any]: ...
+    async def invocations_of(
+        self, name: str, iid: str | None, limit: int, status: str | None
+    ) -> dict[str, Any]: ...
     async def logs(
         self, name: str, lines: int | None, cursor: str | None, wait: float
     ) -> dict[str, Any]: ...
@@ -105,6 +112,14 @@ class ControlAPI:
             (re.compile(rf"/v1/functions/{name}/rollback"), {"POST": self._rollback}),
             (re.compile(rf"/v1/functions/{name}/invoke"), {"POST": self._invoke}),
             (re.compile(rf"/v1/functions/{name}/logs"), {"GET": self._logs}),
+            (
+                re.compile(rf"/v1/functions/{name}/invocations"),
+                {"GET": self._invocations, "POST": self._invoke_async},
+            ),
+            (
+                re.compile(rf"/v1/functions/{name}/invocations/(?P<id>[0-9a-f]{{32}})"),
+                {"GET": self._invocations},
+            ),
             (re.compile(r"/v1/stats"), {"GET": self._stats}),
             (re.compile(r"/v1/reload"), {"POST": self._reload}),
         ]
@@ -170,6 +185,16 @@ class ControlAPI:
 
     async def _invoke(self, request: Request, m: re.Match[str]) -> Response:
         return json_response(200, await self.ops.invoke(m["name"], _body(request)))
+
+    async def _invoke_async(self, request: Request, m: re.Match[str]) -> Response:
+        return json_response(202, await self.ops.invoke_async(m["name"], _body(request)))
+
+    async def _invocations(self, request: Request, m: re.Match[str]) -> Response:
+        query = parse_qs(request.query, keep_blank_values=True)
+        limit = _int_param(query, "limit") or 50
+        status = query.get("status", [None])[-1]
+        iid = m.groupdict().get("id")
+        return json_response(200, await self.ops.invocations_of(m["name"], iid, limit, status))
 
     async def _logs(self, request: Request, m: re.Match[str]) -> Response:
         query = parse_qs(request.query, keep_blank_values=True)

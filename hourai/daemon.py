@@ -12,13 +12,14 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import itertools
+import json
 import logging
 import os
 import shutil
 import signal
 import tempfile
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,7 @@ from hourai.cgroup.owner import SubtreeClaim, claim_subtree
 from hourai.channel import AsyncChannel
 from hourai.codestore import CodeStore
 from hourai.ingress import Request, Response, error_response
+from hourai.invocations.runner import InvokeEvent, Outcome
 from hourai.isolate import sandbox
 from hourai.registry import FunctionSpec, default_env
 from hourai.resources import ResourceManager
@@ -140,6 +142,7 @@ class Pending:
     )  # for latency: loop.time() is ms-grained in uvloop
     start: str = "-"
     wid: int | None = None
+    timeout: float | None = None  # its own invocation timeout (async); None: the function's
 
 
 @dataclass(eq=False)
@@ -602,12 +605,18 @@ class Runtime:
     # ------------------------------------------------------------------ requests
 
     async def invoke(
-        self, spec: FunctionSpec, request: Request, root_path: str, path: str
+        self,
+        spec: FunctionSpec,
+        request: Request,
+        root_path: str,
+        path: str,
+        timeout: float | None = None,
     ) -> Response:
         rid = next(self._rids)
         pending = Pending(
             rid, spec, request, root_path, path, self.loop.create_future(), self.loop.time()
         )
+        pending.timeout = timeout
         if self.resources is not None:
             now = self.loop.time()
             if (spec.name, spec.version) not in self.versions:
@@ -619,7 +628,7 @@ class Runtime:
                     )
             self.resources.request_started(spec.name, now)
         self.pending[rid] = pending
-        self._apply(self.scheduler.submit(rid, spec.name))
+        self._apply(self.scheduler.submit(rid, spec.name, timeout))
         try:
             return await pending.future
         except asyncio.CancelledError:
@@ -660,7 +669,7 @@ class Runtime:
     def _send_invocation(self, pending: Pending, worker: WorkerProc) -> None:
         req = pending.request
         spec = pending.spec
-        remaining = spec.limits.timeout - (self.loop.time() - pending.started)
+        remaining = (pending.timeout or spec.limits.timeout) - (self.loop.time() - pending.started)
         assert worker.channel is not None
         worker.inflight[pending.rid] = pending
         worker.channel.send(
@@ -938,8 +947,16 @@ class Router:
         return spec, "/" + name, "/" + rest if sep else "/"
 
 
-def http_handler(runtime: Runtime, router: Router) -> Callable[[Request], Any]:
-    """The ingress callback: route, then hand the request to the scheduler."""
+# Asynchronous invocation over HTTP: either header, with Lambda's value for it.
+INVOCATION_TYPE_HEADERS = ("x-hourai-invocation-type", "x-amz-invocation-type")
+AcceptEvent = Callable[[str, bytes, str], Awaitable[str]]  # (function, event, source) -> id
+
+
+def http_handler(
+    runtime: Runtime, router: Router, accept: AcceptEvent | None = None
+) -> Callable[[Request], Any]:
+    """The ingress callback: route, then hand the request to the scheduler — or, with an
+    ``Event`` invocation type and a queue to ``accept`` it, to the durable queue (202)."""
 
     async def handle(request: Request) -> Response:
         routed = router.route(request)
@@ -948,6 +965,58 @@ def http_handler(runtime: Runtime, router: Router) -> Callable[[Request], Any]:
                 return error_response(503, "the function is not deployed (yet)")
             return error_response(404, f"no function serves {request.path}")
         spec, root_path, path = routed
+        if accept is not None and any(
+            (request.header(h) or "").lower() == "event" for h in INVOCATION_TYPE_HEADERS
+        ):
+            return await _accept_async(accept, spec.name, request)
         return await runtime.invoke(spec, request, root_path, path)
 
     return handle
+
+
+async def _accept_async(accept: AcceptEvent, name: str, request: Request) -> Response:
+    """The body is the event (as with Lambda's Invoke API); answered once it is durable."""
+    try:
+        iid = await accept(name, bytes(request.body) or b"{}", "http")
+    except Exception as exc:
+        log.error("%s: could not queue an async invocation: %s", name, exc)
+        return error_response(503, f"the async invocation could not be stored: {exc}")
+    body = json.dumps({"invocationId": iid, "status": "queued"}).encode() + b"\n"
+    return Response(
+        202,
+        [
+            ("content-type", "application/json"),
+            ("x-hourai-invocation-id", iid),
+            ("x-amz-request-id", iid),
+        ],
+        body,
+    )
+
+
+def event_invoker(runtime: Runtime) -> InvokeEvent:
+    """The seam the async runner, schedules and triggers invoke functions through.
+
+    Today a function is reached as HTTP: the event becomes ``POST /`` with the event as its
+    JSON body. Direct invocation (the raw event handed to a Lambda handler) replaces this
+    body, and nothing else needs to change."""
+
+    async def invoke_event(name: str, event: bytes, timeout: float | None) -> Outcome:
+        spec = runtime.functions.get(name)
+        if spec is None:
+            return Outcome(404, b"", f"function {name} is not deployed", throttled=True)
+        headers = [("content-type", "application/json"), ("host", "localhost")]
+        request = Request(
+            "POST", "/", "/", "", headers, event, "1.1", ("127.0.0.1", 0), ("", 0), False
+        )
+        response = await runtime.invoke(spec, request, "", "/", timeout)
+        body = bytes(response.body)
+        ran = any(k == "x-hourai-start" for k, _ in response.headers)
+        if response.status in (429, 503) and not ran:
+            # refused by the scheduler (rate limit, full queue, backoff): nothing ran
+            return Outcome(response.status, body, body.decode("utf-8", "replace").strip(), True)
+        if response.status >= 400:
+            what = body.decode("utf-8", "replace").strip()[:2000] or f"status {response.status}"
+            return Outcome(response.status, body, what)
+        return Outcome(response.status, body)
+
+    return invoke_event

@@ -13,7 +13,7 @@ import asyncio
 import bisect
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, generate_latest
@@ -101,6 +101,8 @@ class Metrics(Observer):
         self.state_changes: Counter[tuple[str, str]] = Counter()
         self.deploys: Counter[str] = Counter()
         self.builds = _Histogram(BUILD_BUCKETS)
+        # Other owners' metrics (the async queue, schedules, triggers): read at scrape time.
+        self.collectors: list[Callable[[], Iterable[Metric]]] = []
         self._rendering: asyncio.Future[bytes] | None = None
         self._rendered_at = 0.0
         self.registry = CollectorRegistry(auto_describe=False)
@@ -333,6 +335,8 @@ class Metrics(Observer):
             yield cap
 
         yield from self._tenants()
+        for collector in self.collectors:
+            yield from collector()
 
     def _tenants(self) -> Iterator[Metric]:
         runtime = self.runtime

@@ -22,6 +22,7 @@ import binascii
 import contextlib
 import dataclasses
 import fcntl
+import json
 import logging
 import os
 import signal
@@ -43,8 +44,17 @@ from hourai.config import (
     restart_only_changes,
 )
 from hourai.control import ApiError, ControlAPI, ControlServer, SocketInUse
-from hourai.daemon import DeployError, Router, Runtime, RuntimeSettings, http_handler
+from hourai.daemon import (
+    DeployError,
+    Router,
+    Runtime,
+    RuntimeSettings,
+    event_invoker,
+    http_handler,
+)
 from hourai.ingress import HttpProtocol, Request, serve
+from hourai.invocations.manager import Invocations
+from hourai.invocations.queue import QueueError
 from hourai.isolate.loader import Target, TargetError, resolve_target
 from hourai.logs import FunctionLogs, setup_daemon_logging
 from hourai.metrics import CONTENT_TYPE, Metrics
@@ -95,6 +105,7 @@ class Daemon:
         self.connections: set[HttpProtocol] = set()
         self.metrics_server: asyncio.base_events.Server | None = None
         self.control: ControlServer | None = None
+        self.invocations: Invocations | None = None  # type: ignore[assignment]
 
     # ------------------------------------------------------------------ life cycle
 
@@ -182,6 +193,12 @@ class Daemon:
         except (RuntimeError, CgroupError) as exc:
             raise StartError(str(exc)) from None
         await self._collect_garbage()
+        self.invocations = Invocations(config.state_dir, event_invoker(self.runtime))
+        try:
+            await self.invocations.open()
+        except (QueueError, OSError) as exc:
+            raise StartError(str(exc)) from None
+        self.metrics.collectors.append(self.invocations.collect)
 
         deadline = loop.time() + config.ready_timeout
         restore = loop.create_task(self._restore())
@@ -237,6 +254,8 @@ class Daemon:
             server.close()
         for conn in list(self.connections):
             conn.shutdown()
+        if self.invocations is not None:
+            self.invocations.pause()  # queued events wait for the next start
         drain = asyncio.ensure_future(runtime.drain(self.config.drain_timeout))
         force = asyncio.ensure_future(self._force.wait())
         await asyncio.wait({drain, force}, return_when=asyncio.FIRST_COMPLETED)
@@ -260,6 +279,8 @@ class Daemon:
             server.close()
         if self.metrics_server is not None:
             self.metrics_server.close()
+        if self.invocations is not None:
+            await self.invocations.stop()
         if self._runtime_started:
             # Every worker, snapshot and zygote; and our cgroups.
             await self.runtime.stop()
@@ -294,7 +315,7 @@ class Daemon:
         self._lock_fd = fd
 
     async def _listen(self) -> None:
-        handler = http_handler(self.runtime, self.router)
+        handler = http_handler(self.runtime, self.router, self.invocations.accept)
         for address in self.config.listen:
             try:
                 server = await serve(
@@ -365,6 +386,7 @@ class Daemon:
                             f"store ({spec.target.root}); deploy the function again"
                         )
                     await self._runtime_deploy(spec)
+                    self._serve_events(name)
                 except (DeployError, ConfigError, CgroupError, ValueError) as exc:
                     self.restore_errors[name] = str(exc)
                     log.error("could not restore %s version %s: %s", name, entry.version, exc)
@@ -634,6 +656,7 @@ class Daemon:
         dropped = record.prune(self.config.keep_versions)
         await self._write(record)
         self.restore_errors.pop(name, None)
+        self._serve_events(name)
         if dropped:
             await self._collect_garbage()
         self.metrics.deployed(
@@ -678,6 +701,7 @@ class Daemon:
                 raise ApiError(507, f"cannot remove the state of {name}: {exc.strerror}") from None
             del self.records[name]
             self.runtime.remove(name)
+            await self.invocations.forget(name)
             self.min_warm.pop(name, None)
             self.restore_errors.pop(name, None)
             self.metrics.forget(name)
@@ -730,6 +754,7 @@ class Daemon:
             record.active = entry.version
             await self._write(record)
             self.restore_errors.pop(name, None)
+            self._serve_events(name)
             self.function_logs.event(name, f"rolled back from {previous} to {entry.version}")
         return {
             "name": name,
@@ -763,6 +788,53 @@ class Daemon:
         except UnicodeDecodeError:
             out["body_base64"] = base64.b64encode(bytes(response.body)).decode()
         return out
+
+    def _serve_events(self, name: str) -> None:
+        """The function serves: its async settings, schedule and trigger follow its active
+        version's options (the defaults overlaid with its own)."""
+        record = self.records.get(name)
+        entry = record.active_version if record else None
+        spec = self.runtime.functions.get(name)
+        if entry is None or spec is None or self.invocations is None:
+            return
+        options = {**self.config.function_defaults(), **entry.options}
+        lim = spec.limits
+        capacity = lim.max_inflight or lim.max_workers * lim.concurrency
+        self.invocations.configure(name, options, capacity)
+
+    async def invoke_async(self, name: str, body: dict[str, Any]) -> dict[str, Any]:
+        """Queue ``body["event"]`` (any JSON) for ``name``; answered once it is durable."""
+        self._check_name(name)
+        self._require("ready")
+        if name not in self.runtime.functions:
+            if name in self.records or name in self.broken:
+                raise ApiError(503, f"{name} is not serving (see hourai show {name})")
+            raise ApiError(404, f"no function named {name!r}")
+        if "event" not in body:
+            raise ApiError(400, 'give the event as {"event": ...} (any JSON value)')
+        event = json.dumps(body["event"], separators=(",", ":")).encode()
+        try:
+            iid = await self.invocations.accept(name, event, "api")
+        except QueueError as exc:
+            raise ApiError(507, str(exc)) from None
+        return {"id": iid, "function": name, "status": "queued"}
+
+    async def invocations_of(
+        self, name: str, iid: str | None, limit: int, status: str | None
+    ) -> dict[str, Any]:
+        self._check_name(name)
+        if name not in self.records and name not in self.broken:
+            raise ApiError(404, f"no function named {name!r}")
+        if iid is not None:
+            doc = await self.invocations.get(name, iid)
+            if doc is None:
+                raise ApiError(
+                    404,
+                    f"{name} has no invocation {iid} (results are kept for a retention "
+                    "period, then purged)",
+                )
+            return doc
+        return {"invocations": await self.invocations.list(name, limit, status)}
 
     async def logs(
         self, name: str, lines: int | None, cursor: str | None, wait: float
@@ -805,6 +877,8 @@ class Daemon:
         return self.phase == "ready" and healthy, doc
 
     async def render_metrics(self) -> tuple[bytes, str]:
+        if self.invocations is not None:
+            await self.invocations.refresh()
         return await self.metrics.render_async(), CONTENT_TYPE
 
     def _state_of(self, name: str) -> dict[str, Any] | None:
@@ -903,6 +977,8 @@ class Daemon:
         if st is not None:
             doc["scheduler"] = st
             doc["requests"] = self.metrics.summary(name)
+        if self.invocations is not None:
+            doc.update(self.invocations.describe(name))
         resources = self.runtime.resources
         if resources is not None and name in self.runtime.functions:
             with contextlib.suppress(Exception):
@@ -1038,6 +1114,7 @@ class Daemon:
                     continue
                 try:
                     await self._runtime_deploy(spec)
+                    self._serve_events(name)
                 except DeployError as exc:
                     failed[name] = str(exc)
         return failed

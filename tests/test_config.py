@@ -70,6 +70,11 @@ memory = "512M"
 cpu = "500m"
 pids = 64
 tmp_size = "64M"
+async_retries = 1
+async_max_age = 3600
+async_retry_delay = 30
+async_concurrency = 2
+async_timeout = 900
 """
 
 
@@ -122,6 +127,7 @@ def test_every_key_is_read() -> None:
     assert defaults["memory"] == 512 << 20 and defaults["cpu"] == 0.5
     assert defaults["worker_memory"] == 256 << 20 and defaults["keep_alive"] == 0.0
     assert defaults["tmp_size"] == 64 << 20
+    assert (defaults["async_retries"], defaults["async_timeout"]) == (1, 900.0)
     assert config.default_tenant == "shared"
     # every option of the schema appears in the sample, so the sample documents them all
     assert set(FUNCTION_OPTIONS) <= set(config.defaults)

@@ -15,8 +15,8 @@ when it returns, so an event is durable before its 202 is sent)::
   handed out again, and a row is never lost: it is always in exactly one of the states.
 - A row found ``running`` when the store is opened was running when the daemon died. It is
   queued again; that interruption is not counted as a retry (the function did not fail), but
-  it is counted, and an event that was running at ``MAX_INTERRUPTIONS`` deaths in a row goes
-  to the dead letters: it may be what kills the daemon.
+  it is counted, and an event that was running at ``MAX_INTERRUPTIONS`` deaths of the daemon
+  goes to the dead letters: it may be what kills it.
 - ``dead`` rows are the dead-letter store: kept, with their event and last error, for
   ``dead_retention``; ``succeeded`` rows keep their result for ``retention``.
 
@@ -272,7 +272,7 @@ class InvocationQueue:
                 [
                     (
                         "UPDATE invocations SET status = ?, finished_at = ?, status_code = ?, "
-                        "result = ?, error = NULL, condition = 'Success', interrupted = 0 "
+                        "result = ?, error = NULL, condition = 'Success' "
                         "WHERE id = ? AND status = ? AND attempt = ?",
                         (
                             SUCCEEDED,
@@ -317,7 +317,7 @@ class InvocationQueue:
             [
                 (
                     "UPDATE invocations SET status = ?, not_before = ?, finished_at = ?, "
-                    "status_code = ?, result = ?, error = ?, condition = ?, interrupted = 0 "
+                    "status_code = ?, result = ?, error = ?, condition = ? "
                     "WHERE id = ? AND status = ? AND attempt = ?",
                     (
                         status,
@@ -361,7 +361,7 @@ class InvocationQueue:
                     "UPDATE invocations SET status = ?, finished_at = ?, "
                     "condition = 'RetriesExhausted', interrupted = interrupted + 1, "
                     "error = 'running when the daemon died, ' || (interrupted + 1) || "
-                    "' times in a row: set aside (it may be what kills it)' "
+                    "' times: set aside (it may be what kills it)' "
                     "WHERE status = ? AND interrupted + 1 >= ?",
                     (DEAD, now, RUNNING, MAX_INTERRUPTIONS),
                 ),

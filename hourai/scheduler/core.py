@@ -189,7 +189,17 @@ class _Tenant:
 
 
 class _Request:
-    __slots__ = ("cold", "deadline", "enqueued", "fn", "id", "state", "tenant", "timeout")
+    __slots__ = (
+        "cold",
+        "deadline",
+        "enqueued",
+        "fn",
+        "id",
+        "own_timeout",
+        "state",
+        "tenant",
+        "timeout",
+    )
 
     def __init__(self, rid: int, fn: _Function, now: float, cold: bool) -> None:
         self.id = rid
@@ -199,6 +209,7 @@ class _Request:
         self.state = _QUEUED
         self.deadline = 0.0
         self.timeout = 0.0
+        self.own_timeout: float | None = None  # an async invocation's, instead of the function's
         # The tenant charged for it while running (a redeploy may move the function).
         self.tenant: _Tenant | None = None
 
@@ -518,8 +529,11 @@ class Scheduler:
 
     # ----------------------------------------------------------------- requests
 
-    def submit(self, request_id: int, function: str) -> list[Decision]:
-        """A request arrived for ``function``: dispatch it, queue it, or refuse it."""
+    def submit(
+        self, request_id: int, function: str, timeout: float | None = None
+    ) -> list[Decision]:
+        """A request arrived for ``function``: dispatch it, queue it, or refuse it.
+        ``timeout``: its own invocation timeout (long async tasks), not the function's."""
         if request_id in self._requests:
             raise ValueError(f"request id {request_id} is already in use")
         f = self._functions.get(function)
@@ -537,6 +551,7 @@ class Scheduler:
             if refusal is not None:
                 return [*out, refusal]
         req = _Request(request_id, f, now, f.snap != SNAP_READY)
+        req.own_timeout = timeout
         self._requests[request_id] = req
         if not f.queued and (f.free or f.spare) and self._room(f) > 0:
             # The common case: nobody waiting, a worker at hand.
@@ -907,8 +922,8 @@ class Scheduler:
         w.requests[req.id] = req
         req.state = _RUNNING
         lim = f.limits
-        req.timeout = lim.timeout
-        req.deadline = deadline = now + lim.timeout
+        req.timeout = req.own_timeout or lim.timeout
+        req.deadline = deadline = now + req.timeout
         t = f.tenant
         req.tenant = t
         f.inflight += 1

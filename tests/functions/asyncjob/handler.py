@@ -1,0 +1,25 @@
+"""A function for async invocation tests: the event says what to do."""
+
+import json
+import os
+import time
+
+
+def handler(event, context):
+    body = event.get("body") or "{}"
+    ev = json.loads(body)
+    if isinstance(ev, dict):
+        if ev.get("sleep"):
+            time.sleep(ev["sleep"])
+        if ev.get("crash"):
+            os._exit(3)
+        if ev.get("fail"):
+            raise RuntimeError(f"failing on purpose: {ev['fail']}")
+        if "batch" in ev or "Records" in ev:
+            failed = [
+                {"itemIdentifier": r["messageId"]}
+                for r in ev.get("Records", [])
+                if "fail" in r["body"]
+            ]
+            return {"batchItemFailures": failed, "got": [r["body"] for r in ev["Records"]]}
+    return {"got": ev, "pid": os.getpid()}

@@ -129,3 +129,36 @@ def test_kill_9_loses_nothing_accepted(hourai_daemon, tmp_path) -> None:
     assert sorted(rows[i]["result"]["got"]["i"] for i in ids) == list(range(16))
     interrupted = [i for i in ids if client.invocations("job", i).get("interrupted")]
     assert interrupted, "some were running at the kill"
+
+
+def test_own_timeout_and_a_cap_that_leaves_room_for_sync(hourai_daemon, tmp_path) -> None:
+    d = hourai_daemon(NO_SPARES)
+    d.cli(
+        "deploy",
+        "job",
+        _function(
+            tmp_path,
+            "job",
+            "timeout = 1\nasync_timeout = 5\nasync_concurrency = 1\n"
+            "max_workers = 3\nasync_retries = 0\n",
+        ),
+    )
+    client = Client(d.socket)
+    ids = [client.invoke_async("job", {"sleep": 1.3, "i": i})["id"] for i in range(3)]
+    peak = 0
+    t_sync: list[float] = []
+    deadline = time.monotonic() + 60
+    while not _done(client, "job", ids) and time.monotonic() < deadline:
+        rows = client.invocations("job")["invocations"]
+        peak = max(peak, sum(r["status"] == "running" for r in rows))
+        t0 = time.perf_counter()
+        assert request(d.port, "/job/", "POST", b'{"x": 1}').status == 200
+        t_sync.append(time.perf_counter() - t0)
+        time.sleep(0.1)
+    rows = {r["id"]: r for r in client.invocations("job")["invocations"]}
+    # 1.3 s is past the function's 1 s timeout, within its async_timeout
+    assert all(rows[i]["status"] == "succeeded" for i in ids), rows
+    assert peak == 1
+    assert max(t_sync) < 0.5, f"a synchronous call waited {max(t_sync):.2f}s behind async ones"
+    # and the synchronous timeout still holds
+    assert request(d.port, "/job/", "POST", b'{"sleep": 1.3}').status == 504

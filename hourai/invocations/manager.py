@@ -32,6 +32,7 @@ DB_NAME = "invocations.db"
 RETENTION = 86400.0  # results of succeeded invocations are kept this long
 DEAD_RETENTION = 14 * 86400.0  # dead letters: SQS's longest retention
 PURGE_INTERVAL = 60.0
+DEPTH_INTERVAL = 5.0  # the queue's depth for `hourai show` is read this often (scrapes: live)
 SCHEDULE_RESYNC = 30.0  # a sleeping ticker re-reads the wall clock at least this often
 
 
@@ -144,17 +145,22 @@ class Invocations:
         return task
 
     async def _purge(self) -> None:
+        """Forget what is past its retention; keep the depth `hourai show` prints fresh."""
         assert self.store is not None
+        purged_at = 0.0
         while True:
             try:
-                gone = await self.store.call(
-                    self.store.queue.purge, time.time(), self.retention, self.dead_retention
-                )
-                if gone:
-                    log.info("purged %d async invocations past their retention", gone)
+                if time.monotonic() - purged_at >= PURGE_INTERVAL:
+                    purged_at = time.monotonic()
+                    gone = await self.store.call(
+                        self.store.queue.purge, time.time(), self.retention, self.dead_retention
+                    )
+                    if gone:
+                        log.info("purged %d async invocations past their retention", gone)
+                await self.refresh()
             except QueueError as exc:
                 log.error("%s", exc)
-            await asyncio.sleep(PURGE_INTERVAL)
+            await asyncio.sleep(DEPTH_INTERVAL)
 
     # ------------------------------------------------------------------ functions
 

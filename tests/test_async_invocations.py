@@ -162,3 +162,30 @@ def test_own_timeout_and_a_cap_that_leaves_room_for_sync(hourai_daemon, tmp_path
     assert max(t_sync) < 0.5, f"a synchronous call waited {max(t_sync):.2f}s behind async ones"
     # and the synchronous timeout still holds
     assert request(d.port, "/job/", "POST", b'{"sleep": 1.3}').status == 504
+
+
+def test_too_old_is_a_dead_letter_with_its_destination(hourai_daemon, tmp_path) -> None:
+    d = hourai_daemon(NO_SPARES)
+    d.cli("deploy", "sink", _function(tmp_path, "sink"))
+    d.cli(
+        "deploy",
+        "job",
+        _function(
+            tmp_path, "job", 'async_concurrency = 1\nasync_max_age = 1\non_failure = "sink"\n'
+        ),
+    )
+    client = Client(d.socket)
+    slow = client.invoke_async("job", {"sleep": 1.5})["id"]
+    late = client.invoke_async("job", {"never": "runs"})["id"]
+    wait_until(lambda: _done(client, "job", [slow, late]), timeout=30)
+    doc = client.invocations("job", late)
+    assert doc["status"] == "dead" and doc["attempts"] == 0
+    assert doc["condition"] == "EventAgeExceeded"
+
+    def got() -> list[dict]:  # type: ignore[type-arg]
+        rows = client.invocations("sink")["invocations"]
+        return [r["result"]["got"] for r in rows if r["status"] == "succeeded"]
+
+    wait_until(lambda: len(got()) == 1, timeout=30)
+    assert got()[0]["requestContext"]["condition"] == "EventAgeExceeded"
+    assert got()[0]["requestPayload"] == {"never": "runs"}

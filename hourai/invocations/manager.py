@@ -157,6 +157,8 @@ class Invocations:
                     )
                     if gone:
                         log.info("purged %d async invocations past their retention", gone)
+                    # events of functions that never came (a destination not deployed)
+                    await self.store.call(self.store.queue.expire, None, time.time())
                 await self.refresh()
             except QueueError as exc:
                 log.error("%s", exc)
@@ -298,8 +300,11 @@ class Invocations:
             if wait > 0:
                 await asyncio.sleep(min(wait, SCHEDULE_RESYNC))
                 continue
-            await self._fire(name, tick)
-            await self.store.call(queue.set_schedule, name, expr, tick.timestamp())
+            try:
+                await self._fire(name, tick)
+                await self.store.call(queue.set_schedule, name, expr, tick.timestamp())
+            except QueueError as exc:
+                log.error("%s: the tick of %s was not queued: %s", name, _iso(tick), exc)
             last = tick
 
     async def _fire(self, name: str, tick: datetime) -> None:

@@ -251,19 +251,24 @@ class InvocationQueue:
         )
         return [self.get(row[0]) for row in rows]  # type: ignore[misc]
 
-    def expire(self, function: str | None, now: float) -> int:
+    def expire(self, function: str | None, now: float) -> list[Invocation]:
+        """Queued events past their maximum age become dead letters (EventAgeExceeded);
+        returns them (for their on-failure destinations)."""
         where = "status = ? AND expires_at <= ?" + (" AND function = ?" if function else "")
         args: tuple[Any, ...] = (QUEUED, now) + ((function,) if function else ())
-        return self._tx(
-            [
-                (
-                    "UPDATE invocations SET status = ?, condition = 'EventAgeExceeded', "
-                    "finished_at = ?, error = coalesce(error || '; ', '') || "
-                    "'the event exceeded its maximum age' WHERE " + where,
-                    (DEAD, now, *args),
-                )
-            ]
+        ids = [r[0] for r in self.db.execute(f"SELECT id FROM invocations WHERE {where}", args)]
+        if not ids:
+            return []
+        self._tx(
+            (
+                "UPDATE invocations SET status = ?, condition = 'EventAgeExceeded', "
+                "finished_at = ?, error = coalesce(error || '; ', '') || "
+                "'the event exceeded its maximum age' WHERE id = ? AND status = ?",
+                (DEAD, now, iid, QUEUED),
+            )
+            for iid in ids
         )
+        return [inv for inv in map(self.get, ids) if inv is not None]
 
     def succeed(self, iid: str, attempt: int, now: float, status_code: int, result: bytes) -> bool:
         """The attempt succeeded; False (and nothing changed) if it is not the running one."""

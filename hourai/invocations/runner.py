@@ -77,7 +77,7 @@ class AsyncStore:
         self.queue = queue
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="hourai-queue")
         self._batch: list[tuple[Accept, asyncio.Future[str]]] = []
-        self._flushing = False
+        self._flusher: asyncio.Task[None] | None = None
 
     async def call(self, fn: Callable[..., T], *args: Any) -> T:
         loop = asyncio.get_running_loop()
@@ -85,29 +85,28 @@ class AsyncStore:
 
     async def accept(self, item: Accept) -> str:
         """Durably store one event. Accepts that come while a commit is under way wait for
-        the next one together (group commit): one fsync for many, not one each."""
-        future: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        the next one together (group commit): one fsync for many, not one each. The commit
+        is a task of its own, so a caller that goes away does not strand the others."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[str] = loop.create_future()
         self._batch.append((item, future))
-        if not self._flushing:
-            self._flushing = True
-            try:
-                while self._batch:
-                    batch, self._batch = self._batch, []
-                    try:
-                        ids = await self.call(
-                            self.queue.accept_many, [a for a, _ in batch], time.time()
-                        )
-                    except Exception as exc:
-                        for _, f in batch:
-                            if not f.done():
-                                f.set_exception(exc)
-                        continue
-                    for (_, f), iid in zip(batch, ids, strict=True):
-                        if not f.done():
-                            f.set_result(iid)
-            finally:
-                self._flushing = False
+        if self._flusher is None or self._flusher.done():
+            self._flusher = loop.create_task(self._flush())
         return await future
+
+    async def _flush(self) -> None:
+        while self._batch:
+            batch, self._batch = self._batch, []
+            try:
+                ids = await self.call(self.queue.accept_many, [a for a, _ in batch], time.time())
+            except Exception as exc:
+                for _, f in batch:
+                    if not f.done():
+                        f.set_exception(exc)
+                continue
+            for (_, f), iid in zip(batch, ids, strict=True):
+                if not f.done():
+                    f.set_result(iid)
 
     def close(self) -> None:
         self._pool.submit(self.queue.close)
@@ -200,6 +199,15 @@ class Runner:
             room = config.concurrency - self.inflight.get(name, 0)
             if room <= 0:
                 continue
+            for inv in await self.store.call(self.store.queue.expire, name, time.time()):
+                self._count(name, "expired")
+                log.warning(
+                    "%s: async invocation %s is older than its maximum age: dead letter",
+                    name,
+                    inv.id,
+                )
+                if config.on_failure:
+                    await self._destination(config.on_failure, inv, None, "EventAgeExceeded")
             claimed = await self.store.call(self.store.queue.claim, name, time.time(), room)
             for inv in claimed:
                 if not self.claiming:  # stopping: hand it back at once

@@ -24,6 +24,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from hourai.invocations.queue import QUEUED, STATUSES, InvocationQueue, QueueError
 from hourai.invocations.runner import AsyncConfig, AsyncStore, InvokeEvent, Runner
 from hourai.invocations.schedule import Rate, Schedule, parse
+from hourai.invocations.triggers import make_source
 from hourai.invocations.triggers.base import BatchConsumer
 
 log = logging.getLogger("hourai.invocations")
@@ -381,12 +382,9 @@ def schedule_first(schedule: Schedule, last: datetime) -> datetime:
 def _make_consumer(
     name: str, trigger: dict[str, Any], invoke: InvokeEvent, config: AsyncConfig, capacity: int
 ) -> BatchConsumer:
-    from hourai.invocations.triggers.redis_stream import RedisStreamSource
-
-    source = RedisStreamSource(name, trigger)
     return BatchConsumer(
         name,
-        source,
+        make_source(name, trigger),
         invoke,
         batch_size=trigger["batch_size"],
         batch_window=trigger["batch_window"],

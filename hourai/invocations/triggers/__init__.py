@@ -5,10 +5,25 @@ queue shares; :mod:`.redis_stream` is the Redis implementation (Kafka would be a
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-TYPES = ("redis-stream",)
+if TYPE_CHECKING:
+    from hourai.invocations.triggers.base import Source
+
+# type -> "module:class" of its Source, imported when a function uses it (a Kafka trigger
+# would be one more line here, its keys one more table below).
+SOURCES = {"redis-stream": "hourai.invocations.triggers.redis_stream:RedisStreamSource"}
+TYPES = tuple(SOURCES)
+
+
+def make_source(function: str, config: dict[str, Any]) -> Source:
+    """The Source for a checked trigger table (see :func:`parse_trigger`)."""
+    module, _, cls = SOURCES[config["type"]].partition(":")
+    source: Source = getattr(importlib.import_module(module), cls)(function, config)
+    return source
+
 
 # key -> (check, default); one table for every trigger type, plus the type's own keys.
 COMMON: dict[str, tuple[type | tuple[type, ...], Any]] = {

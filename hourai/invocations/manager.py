@@ -177,13 +177,13 @@ class Invocations:
         if current is not None and current[0] != expr:
             current[1].cancel()
             del self.schedules[name]
+            self.missed.pop(name, None)
+            if not expr and self.store is not None:  # the new version has none
+                self._spawn(self.store.call(self.store.queue.drop_schedule, name), "schedule drop")
             current = None
         if expr and current is None:
             task = self._spawn(self._ticker(name, expr), f"schedule of {name}")
             self.schedules[name] = (expr, task)
-        elif not expr and self.store is not None:
-            self.missed.pop(name, None)
-            self._spawn(self.store.call(self.store.queue.drop_schedule, name), "schedule drop")
         trigger = options.get("trigger")
         running = self.triggers.get(name)
         if running is not None and running[0] != trigger:
@@ -341,7 +341,7 @@ class Invocations:
         yield oldest
         outcomes = CounterMetricFamily(
             "hourai_async_outcomes",
-            "async invocation attempts by outcome (succeeded, retried, dead_lettered, throttled)",
+            "async invocations by outcome (succeeded, retried, dead_lettered, throttled, expired)",
             labels=["function", "outcome"],
         )
         if self.runner is not None:

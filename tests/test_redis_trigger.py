@@ -210,3 +210,37 @@ def test_a_function_consumes_a_stream_in_the_daemon(
     assert 'hourai_trigger_events_total{function="consumer",outcome="records_acked"} 11.0' in (
         Client(d.socket).metrics()
     )
+
+
+def test_entries_in_flight_at_a_kill_9_are_delivered_after_the_restart(
+    hourai_daemon,
+    tmp_path: Path,
+    redis_url: str,  # noqa: F811
+) -> None:
+    import signal
+
+    where = tmp_path / "slow"
+    shutil.copytree(FUNCTIONS / "asyncjob", where)
+    (where / "hourai.toml").write_text(
+        'entry = "handler"\n'
+        f'trigger = {{type = "redis-stream", url = "{redis_url}", stream = "orders", '
+        "batch_size = 2, batch_window = 0.0, visibility_timeout = 1.0}\n"
+    )
+    r = redis.Redis.from_url(redis_url, decode_responses=True)
+    for i in range(6):
+        r.xadd("orders", {"body": json.dumps({"sleep": 0.4, "i": i})})
+    d = hourai_daemon("[defaults]\nspares = 0\n")
+    d.cli("deploy", "slow", str(where))
+    wait_until(lambda: r.xpending("orders", "hourai")["pending"] > 0, timeout=30)
+    d.proc.send_signal(signal.SIGKILL)
+    d.proc.wait(10)
+    assert r.xpending("orders", "hourai")["pending"] > 0  # taken, not acknowledged
+
+    hourai_daemon("[defaults]\nspares = 0\n")  # same state dir: the function comes back
+
+    def drained() -> bool:
+        group = r.xinfo_groups("orders")[0]
+        return group["pending"] == 0 and group["lag"] == 0
+
+    wait_until(drained, timeout=60)
+    assert r.xlen("orders:dead") == 0

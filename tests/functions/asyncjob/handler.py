@@ -15,7 +15,10 @@ def handler(event, context):
             os._exit(3)
         if ev.get("fail"):
             raise RuntimeError(f"failing on purpose: {ev['fail']}")
-        if "batch" in ev or "Records" in ev:
+        if "Records" in ev:
+            for r in ev["Records"]:
+                if '"sleep"' in r["body"]:
+                    time.sleep(json.loads(r["body"])["sleep"])
             failed = [
                 {"itemIdentifier": r["messageId"]}
                 for r in ev.get("Records", [])

@@ -27,11 +27,12 @@ thread of its own (:class:`hourai.invocations.runner.AsyncStore`).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sqlite3
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -154,6 +155,7 @@ class InvocationQueue:
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        self._batched = False
         path.parent.mkdir(parents=True, exist_ok=True)
         try:
             # isolation_level=None: transactions are ours (BEGIN IMMEDIATE ... COMMIT).
@@ -173,17 +175,40 @@ class InvocationQueue:
     def close(self) -> None:
         self.db.close()
 
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[None]:
+        """Everything inside is one transaction, one commit (group commit): the transitions
+        in it keep their own checks, they only share the fsync."""
+        try:
+            self.db.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as exc:
+            raise QueueError(f"invocation queue {self.path}: {exc}") from None
+        self._batched = True
+        try:
+            yield
+            self.db.execute("COMMIT")
+        except BaseException as exc:
+            if self.db.in_transaction:
+                self.db.execute("ROLLBACK")
+            if isinstance(exc, sqlite3.Error):
+                raise QueueError(f"invocation queue {self.path}: {exc}") from None
+            raise
+        finally:
+            self._batched = False
+
     def _tx(self, statements: Iterable[tuple[str, tuple[Any, ...]]]) -> int:
         cur = self.db.cursor()
         changed = 0
         try:
-            cur.execute("BEGIN IMMEDIATE")
+            if not self._batched:
+                cur.execute("BEGIN IMMEDIATE")
             for sql, args in statements:
                 cur.execute(sql, args)
                 changed += max(cur.rowcount, 0)
-            cur.execute("COMMIT")
+            if not self._batched:
+                cur.execute("COMMIT")
         except sqlite3.Error as exc:
-            if self.db.in_transaction:
+            if self.db.in_transaction and not self._batched:
                 self.db.execute("ROLLBACK")
             raise QueueError(f"invocation queue {self.path}: {exc}") from None
         return changed

@@ -81,6 +81,11 @@ def add_run_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[typ
         help="a .py file or directory, with :ATTR or Lambda-style file.function",
     )
     p.add_argument("--kind", choices=["handler", "asgi", "wsgi"], help="default: detected")
+    p.add_argument(
+        "--factory",
+        action="store_true",
+        help="ATTR is an application factory (default create_app), called once in the snapshot",
+    )
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8080, help="port (default 8080; 0 picks a free one)")
     p.add_argument(
@@ -196,7 +201,7 @@ def add_run_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[typ
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from hourai.isolate.loader import TargetError, resolve_target
+    from hourai.isolate.loader import TargetError, as_factory, resolve_target
     from hourai.scheduler.core import FunctionLimits
 
     setup_logging(args.verbose)
@@ -215,6 +220,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         target = resolve_target(args.target)
     except TargetError as exc:
         raise UsageError(str(exc)) from None
+    if args.factory:
+        target = as_factory(target)
     env: dict[str, str] = {}
     for path in args.env_file:
         env.update(read_env_file(path))
@@ -263,7 +270,10 @@ def parse_resources(args: argparse.Namespace) -> TenantLimits | None:
 
 def function_name(target: Target) -> str:
     """A URL- and cgroup-safe name from the file the user named."""
-    stem = Path(target.file or target.source).stem if target.attr is None else target.attr
+    from hourai.isolate.loader import split_call
+
+    attr = split_call(target.attr)[0] if target.attr else None
+    stem = Path(target.file or target.source).stem if attr is None else attr
     name = re.sub(r"[^a-z0-9-]+", "-", stem.lower()).strip("-")[:63].strip("-")
     return name or "fn"
 

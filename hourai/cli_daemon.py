@@ -70,6 +70,11 @@ def add_daemon_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore
         "--entry", metavar="ATTR", help="attribute to call (for a directory: MODULE[:ATTR])"
     )
     p.add_argument("--kind", choices=["handler", "asgi", "wsgi"], help="default: detected")
+    p.add_argument(
+        "--factory",
+        action="store_true",
+        help="ATTR is an application factory (default create_app), called once in the snapshot",
+    )
     p.add_argument("--tenant", help="the tenant it runs as (default: [defaults] tenant)")
     p.add_argument("--memory", metavar="SIZE", help="the tenant's memory limit, e.g. 256M")
     p.add_argument("--cpu", metavar="CORES", help="the tenant's CPU quota, e.g. 0.5")
@@ -89,6 +94,7 @@ def add_daemon_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore
     p.add_argument("--max-inflight", type=int, metavar="N", help="concurrent invocations")
     p.add_argument("--max-requests", type=int, metavar="N", help="recycle after N invocations")
     p.add_argument("--worker-memory", metavar="SIZE", help="recycle a worker above SIZE")
+    p.add_argument("--tmp-size", metavar="SIZE", help="the function's private /tmp (512M)")
     p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--env-file", action="append", default=[], metavar="FILE")
     p.set_defaults(func=cmd_deploy)
@@ -227,6 +233,8 @@ def cmd_deploy(args: argparse.Namespace) -> int:
         "max_inflight": args.max_inflight,
         "max_requests": args.max_requests,
         "worker_memory": args.worker_memory,
+        "tmp_size": args.tmp_size,
+        "factory": True if args.factory else None,
         "env": env or None,
     }
     options = {k: v for k, v in options.items() if v is not None}

@@ -180,6 +180,7 @@ FUNCTION_OPTIONS: dict[str, Option] = {
 # What a deploy may say beyond the limits (in hourai.toml, flags and the API).
 DEPLOY_KEYS: dict[str, Callable[[Any], Any]] = {
     "entry": _str,
+    "factory": _bool,
     "kind": _choice(*KINDS),
     "tenant": _tenant,
     "env": _env,

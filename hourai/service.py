@@ -45,7 +45,7 @@ from hourai.config import (
 from hourai.control import ApiError, ControlAPI, ControlServer, SocketInUse
 from hourai.daemon import DeployError, Router, Runtime, RuntimeSettings, http_handler
 from hourai.ingress import HttpProtocol, Request, serve
-from hourai.isolate.loader import Target, TargetError, resolve_target
+from hourai.isolate.loader import Target, TargetError, as_factory, resolve_target
 from hourai.logs import FunctionLogs, setup_daemon_logging
 from hourai.metrics import CONTENT_TYPE, Metrics
 from hourai.registry import FunctionSpec, build_spec, check_name
@@ -1104,6 +1104,8 @@ def prepare_deploy(
         options["env"] = env
     entry = options.get("entry")
     target = resolve_target(f"{path}:{entry}" if entry else path, cwd=base)
+    if options.pop("factory", False):
+        target = as_factory(target)
     return target, options
 
 

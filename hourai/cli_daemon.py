@@ -121,7 +121,11 @@ def add_daemon_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore
     p.add_argument("name", metavar="NAME")
     p.add_argument("stdin", nargs="?", choices=["-"], help="read the body from stdin")
     p.add_argument("--data", metavar="JSON", help="the request body")
-    p.add_argument("--event", metavar="FILE", help="an API Gateway 2.0 event ('-': stdin)")
+    p.add_argument(
+        "--event",
+        metavar="FILE",
+        help="invoke directly with this JSON event, as Lambda's Invoke API does ('-': stdin)",
+    )
     p.add_argument("--path", default="/", help="request path (default /)")
     p.add_argument("--method", help="default: POST with a body, else GET")
     p.add_argument(
@@ -390,13 +394,15 @@ def cmd_invoke(args: argparse.Namespace) -> int:
     if headers:
         request["headers"] = headers
     if args.event is not None:
+        # A direct invocation: the event goes to the function exactly as written.
         try:
             text = sys.stdin.read() if args.event == "-" else Path(args.event).read_text()
-            request["event"] = json.loads(text)
+            json.loads(text)
         except OSError as exc:
             raise UsageError(f"cannot read {args.event}: {exc.strerror}") from None
         except ValueError as exc:
             raise UsageError(f"{args.event} is not JSON: {exc}") from None
+        request = {"event_json": text}
     elif args.data is not None:
         request["body"] = args.data
     elif args.stdin:
@@ -423,7 +429,18 @@ def cmd_invoke(args: argparse.Namespace) -> int:
                 body = doc.get("body", "")
                 sys.stdout.write(body if body.endswith("\n") or not body else body + "\n")
             sys.stdout.flush()
-        if doc["status"] >= 400:
+        if doc.get("function_error"):
+            try:
+                error = json.loads(doc.get("body") or "{}")
+            except ValueError:
+                error = {}
+            print(
+                f"hourai: {args.name} raised {error.get('errorType', 'an error')}: "
+                f"{error.get('errorMessage', '')} (what it printed: hourai logs {args.name})",
+                file=sys.stderr,
+            )
+            status = EXIT_REFUSED
+        elif doc["status"] >= 400:
             print(f"hourai: {args.name} answered {doc['status']}", file=sys.stderr)
             status = EXIT_REFUSED
 

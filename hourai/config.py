@@ -385,6 +385,7 @@ class Config:
     socket: Path | None = None  # None: <state_dir>/control.sock
     socket_group: str = ""
     metrics_listen: Address | None = None
+    lambda_listen: Address | None = None
     cgroup_backend: str = "auto"
     cgroup_subtree: str = "hourai"
     uid_range: tuple[int, int] = DEFAULT_UID_RANGE
@@ -430,6 +431,7 @@ TOP_KEYS: dict[str, tuple[Callable[[Any], Any], str]] = {
     "socket": (_path, "control API socket"),
     "socket_group": (_group, "group allowed to use the control socket"),
     "metrics_listen": (_optional_address, "extra TCP address serving /metrics and /healthz"),
+    "lambda_listen": (_optional_address, "TCP address serving the Lambda Invoke API"),
     "cgroup_backend": (_choice("auto", "v2", "v1", "none"), "cgroup backend"),
     "cgroup_subtree": (_subtree, "directory under the daemon's cgroup that holds tenant groups"),
     "uid_range": (_uid_range, "uids given to tenants when running as root"),
@@ -599,6 +601,7 @@ def restart_only_changes(old: Config, new: Config) -> list[str]:
         "socket",
         "socket_group",
         "metrics_listen",
+        "lambda_listen",
         "cgroup_backend",
         "cgroup_subtree",
         "uid_range",

@@ -140,6 +140,7 @@ class Pending:
     )  # for latency: loop.time() is ms-grained in uvloop
     start: str = "-"
     wid: int | None = None
+    event: bytes | None = None  # a direct invocation's event (JSON), instead of HTTP
 
 
 @dataclass(eq=False)
@@ -601,13 +602,38 @@ class Runtime:
 
     # ------------------------------------------------------------------ requests
 
+    async def invoke_event(self, spec: FunctionSpec, event: bytes) -> Response:
+        """A direct invocation (Lambda's Invoke API): ``event`` is JSON, given to a handler
+        exactly as it is; the answer's body is the function's JSON payload, and a function
+        error is flagged with ``x-amz-function-error`` (see hourai.isolate.direct)."""
+        request = Request(
+            "POST",
+            "/",
+            "/",
+            "",
+            [("content-type", "application/json"), ("host", "localhost")],
+            event,
+            "1.1",
+            ("127.0.0.1", 0),
+            ("", 0),
+            False,
+        )
+        return await self.invoke(spec, request, "", "/", event=event)
+
     async def invoke(
-        self, spec: FunctionSpec, request: Request, root_path: str, path: str
+        self,
+        spec: FunctionSpec,
+        request: Request,
+        root_path: str,
+        path: str,
+        *,
+        event: bytes | None = None,
     ) -> Response:
         rid = next(self._rids)
         pending = Pending(
             rid, spec, request, root_path, path, self.loop.create_future(), self.loop.time()
         )
+        pending.event = event
         if self.resources is not None:
             now = self.loop.time()
             if (spec.name, spec.version) not in self.versions:
@@ -680,6 +706,7 @@ class Runtime:
                 "request_id": f"{pending.rid:x}-{worker.pid}",
                 "function": spec.name,
                 "deadline_ms": int(max(remaining, 0) * 1000),
+                **({} if pending.event is None else {"event": pending.event}),
             }
         )
 

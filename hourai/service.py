@@ -22,6 +22,7 @@ import binascii
 import contextlib
 import dataclasses
 import fcntl
+import json
 import logging
 import os
 import signal
@@ -31,6 +32,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from hourai import lambda_api
 from hourai.cgroup import CgroupError
 from hourai.codestore import CodeStoreError
 from hourai.config import (
@@ -94,6 +96,7 @@ class Daemon:
         self.servers: list[asyncio.base_events.Server] = []
         self.connections: set[HttpProtocol] = set()
         self.metrics_server: asyncio.base_events.Server | None = None
+        self.lambda_server: asyncio.base_events.Server | None = None
         self.control: ControlServer | None = None
 
     # ------------------------------------------------------------------ life cycle
@@ -258,8 +261,9 @@ class Daemon:
             task.cancel()
         for server in self.servers:
             server.close()
-        if self.metrics_server is not None:
-            self.metrics_server.close()
+        for extra in (self.metrics_server, self.lambda_server):
+            if extra is not None:
+                extra.close()
         if self._runtime_started:
             # Every worker, snapshot and zygote; and our cgroups.
             await self.runtime.stop()
@@ -303,6 +307,16 @@ class Daemon:
             except OSError as exc:
                 raise StartError(f"cannot listen on {address}: {exc.strerror}") from None
             self.servers.append(server)
+        if self.config.lambda_listen is not None:
+            address = self.config.lambda_listen
+            invoke_api = lambda_api.handler(self._lambda_lookup, self.runtime.invoke_event)
+            try:
+                self.lambda_server = await serve(invoke_api, address.host, address.port)
+            except OSError as exc:
+                raise StartError(
+                    f"cannot listen on {address} (Lambda API): {exc.strerror}"
+                ) from None
+            log.info("Lambda Invoke API at %s", _url(self.lambda_server).rstrip("/"))
         if self.config.metrics_listen is not None:
             address = self.config.metrics_listen
             try:
@@ -310,6 +324,10 @@ class Daemon:
             except OSError as exc:
                 raise StartError(f"cannot listen on {address} (metrics): {exc.strerror}") from None
             log.info("metrics at %s/metrics", _url(self.metrics_server).rstrip("/"))
+
+    def _lambda_lookup(self, name: str) -> tuple[FunctionSpec | None, bool]:
+        spec = self.runtime.functions.get(name) if self.phase == "ready" else None
+        return spec, name in self.records
 
     def _spawn(self, coro: Any, what: str) -> None:
         self._own(asyncio.get_running_loop().create_task(coro), what)
@@ -747,9 +765,12 @@ class Daemon:
             if name in self.records or name in self.broken:
                 raise ApiError(503, f"{name} is not serving (see hourai show {name})")
             raise ApiError(404, f"no function named {name!r}")
-        request = _invocation(body)
         t0 = time.perf_counter()
-        response = await self.runtime.invoke(spec, request, "", request.path)
+        if "event" in body or "event_json" in body:
+            response = await self.runtime.invoke_event(spec, _direct_event(body))
+        else:
+            request = _invocation(body)
+            response = await self.runtime.invoke(spec, request, "", request.path)
         ms = (time.perf_counter() - t0) * 1e3
         headers = [[k, v] for k, v in response.headers]
         out: dict[str, Any] = {
@@ -758,6 +779,9 @@ class Daemon:
             "start": next((v for k, v in response.headers if k == "x-hourai-start"), None),
             "ms": round(ms, 3),
         }
+        function_error = next((v for k, v in response.headers if k == "x-amz-function-error"), None)
+        if function_error:
+            out["function_error"] = function_error
         try:
             out["body"] = bytes(response.body).decode("utf-8")
         except UnicodeDecodeError:
@@ -1165,6 +1189,21 @@ def _pss_by_function(pids: dict[str, list[int]]) -> dict[str, dict[str, int]]:
                 continue
         out[fn] = {"pss": total, "processes": alive}
     return out
+
+
+def _direct_event(body: dict[str, Any]) -> bytes:
+    """A direct invocation's event, as JSON bytes: ``event_json`` exactly as the caller wrote
+    it (the CLI sends a file's text), or ``event``, any JSON value."""
+    raw = body.get("event_json")
+    if raw is None:
+        return json.dumps(body.get("event")).encode()
+    if not isinstance(raw, str):
+        raise ApiError(400, "event_json must be a string holding JSON")
+    try:
+        json.loads(raw)
+    except ValueError as exc:
+        raise ApiError(400, f"the event is not JSON: {exc}") from None
+    return raw.encode()
 
 
 def _invocation(body: dict[str, Any]) -> Request:

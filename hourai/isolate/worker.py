@@ -12,6 +12,7 @@ output, which the daemon logs tagged with the function and worker, so the id fin
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import secrets
 import select
@@ -22,6 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from hourai.channel import AsyncChannel, BlockingChannel, ChannelClosed
+from hourai.isolate import direct
 from hourai.isolate.adapters import Invoker, new_event_loop
 
 # A request-shaped message for warm_up: every field the adapters read, nothing of a tenant's.
@@ -88,7 +90,7 @@ def serve_worker(channel: BlockingChannel, invoker: Invoker, spec: dict[str, Any
 
 def run_invocation(invoker: Invoker, inv: dict[str, Any]) -> dict[str, Any]:
     try:
-        result = invoker.invoke(inv)
+        result = direct.run(invoker, inv) if "event" in inv else invoker.invoke(inv)
     except Exception as exc:
         return error_reply(inv, exc)
     return {
@@ -109,6 +111,19 @@ def error_reply(inv: dict[str, Any], exc: BaseException) -> dict[str, Any]:
         end="",
         flush=True,
     )
+    if "event" in inv:
+        # A direct invocation is answered as Lambda answers it: the error payload, flagged.
+        return {
+            "t": "res",
+            "id": inv["id"],
+            "status": 200,
+            "headers": [
+                *direct.JSON,
+                ["x-amz-function-error", "Unhandled"],
+                ["x-hourai-error-id", error_id],
+            ],
+            "body": json.dumps(direct.error_fields(exc)).encode(),
+        }
     return {
         "t": "err",
         "id": inv["id"],
@@ -130,7 +145,10 @@ def serve_worker_concurrent(sock: socket.socket, invoker: Invoker, concurrency: 
 
     async def handle(inv: dict[str, Any]) -> None:
         try:
-            result = await invoker.invoke_async(inv)
+            if "event" in inv:
+                result = await direct.run_async(invoker, inv)
+            else:
+                result = await invoker.invoke_async(inv)
             reply = {
                 "t": "res",
                 "id": inv["id"],

@@ -119,6 +119,9 @@ class RuntimeSettings:
     tenant_config: dict[str, dict[str, Any]] = field(default_factory=dict)  # field -> value
     separate_uids: bool | None = None  # None: when running as root
     worker_nofile: int = 1024
+    # Python 3.12+: make the zygotes' and snapshots' objects immortal before they fork, so
+    # workers reading them copy no pages (hourai.snapshot.immortal); off only to measure it.
+    immortalize: bool = True
     # The adaptive resource policy (snapshot keep-alive, pre-warm, eviction, admission,
     # tenant limit sizing); None: snapshots stay until removed.
     policy: PolicyParams | None = field(default_factory=PolicyParams)
@@ -329,7 +332,10 @@ class Runtime:
 
     def _new_zygote(self) -> RootZygote:
         zygote = RootZygote(
-            self.loop, preloads=self.settings.preloads, output_sink=self._function_output
+            self.loop,
+            preloads=self.settings.preloads,
+            output_sink=self._function_output,
+            immortalize=self.settings.immortalize,
         )
         zygote.on_lost = self._zygote_lost
         return zygote
@@ -597,6 +603,7 @@ class Runtime:
             "rlimits": {"core": 0, "nofile": self.settings.worker_nofile},
             "concurrency": spec.limits.concurrency,
             "sandbox": sandboxed,
+            "immortalize": self.settings.immortalize,
             "tmp_size": spec.limits.tmp_size,
         }
 

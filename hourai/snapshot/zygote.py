@@ -33,6 +33,7 @@ from hourai.isolate import sandbox
 from hourai.isolate.adapters import Invoker, StartupError
 from hourai.isolate.loader import LoadError, Target, load
 from hourai.isolate.worker import serve_worker, serve_worker_concurrent
+from hourai.snapshot import immortal
 
 # Tenants' processes go before the daemon (0) when the host runs out of memory. Workers
 # inherit it: after dropping privileges /proc/self is root's and they cannot change it.
@@ -125,9 +126,10 @@ def _readable(channel: BlockingChannel) -> bool:
 
 
 class RootZygote:
-    def __init__(self, channel: BlockingChannel, preloads: list[str]) -> None:
+    def __init__(self, channel: BlockingChannel, preloads: list[str], immortal: bool) -> None:
         self.channel = channel
         self.preloads = preloads
+        self.immortal = immortal
 
     def run(self) -> None:
         sandbox.die_with_parent(os.getppid())
@@ -142,6 +144,8 @@ class RootZygote:
             except Exception as exc:
                 # A missing preload is slower, not broken: say so and go on.
                 print(f"hourai: preload {name!r} failed: {exc}", file=sys.stderr, flush=True)
+        if self.immortal:
+            immortal.immortalize()
         gc.freeze()
         self.reaper = _Reaper()
         self.channel.send({"t": "hello", "pid": os.getpid()})
@@ -268,8 +272,11 @@ class Snapshot:
         self.invoker = invoker
         init_ms = (time.perf_counter() - started) * 1000
         # What the import left behind is shared by every worker: freeze it so their
-        # collections never touch (and so copy) these pages.
+        # collections never touch (and so copy) these pages, and (3.12+) make it immortal so
+        # their reads do not either.
         gc.collect()
+        if self.spec.get("immortalize", True):
+            immortal.immortalize()
         gc.freeze()
         self.reaper = _Reaper()
         self.channel.send(
@@ -396,9 +403,10 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m hourai.snapshot.zygote")
     parser.add_argument("--channel", type=int, required=True)
     parser.add_argument("--preload", action="append", default=[])
+    parser.add_argument("--mortal", action="store_true", help="do not immortalize (3.12+)")
     args = parser.parse_args(argv)
     channel = BlockingChannel(socket.socket(fileno=args.channel))
-    RootZygote(channel, args.preload).run()
+    RootZygote(channel, args.preload, immortal=not args.mortal).run()
 
 
 if __name__ == "__main__":

@@ -42,9 +42,11 @@ and then reading pauses too. A client that takes none of its pending output for
 ``write_timeout`` seconds is dropped (one reading slowly is not). Parsing stops once
 ``max_pipeline`` requests are queued; the rest of a read waits as bytes.
 
-An EOF from the client is taken as a disconnect: the connection is closed and any
-handler still running for it is cancelled, as uvicorn and nginx do. A half-closing
-client therefore gets no answer.
+An EOF ends the client's input, not its interest: a client that half-closes after its
+requests (``shutdown(SHUT_WR)``) gets the answer to every request it completed, then the
+connection closes; a request it left incomplete gets none. A FIN cannot tell a
+half-close from a client gone away, so handlers run to their end either way (the
+scheduler's timeouts bound them); a reset cancels them.
 """
 
 from __future__ import annotations
@@ -369,6 +371,7 @@ class HttpProtocol(asyncio.Protocol):
         "_current",
         "_deadline",
         "_deadline_kind",
+        "_eof",
         "_expect",
         "_feeding",
         "_flushing",
@@ -427,6 +430,7 @@ class HttpProtocol(asyncio.Protocol):
         self._unparsed = b""  # input read but not parsed while the queue is full
         self._feeding = False
         self._flushing = False
+        self._eof = False  # the client sent all it will send
         self._current: _Exchange | None = None  # head parsed, body still arriving
         self._abort: tuple[int, str] | None = None
         self._closed = False  # transport closed or closing: write nothing more
@@ -508,8 +512,18 @@ class HttpProtocol(asyncio.Protocol):
             self._connections.discard(self)
 
     def eof_received(self) -> bool:
-        # Returning False lets the transport close; connection_lost cancels handlers.
-        return False
+        # A half-closed client (shutdown(SHUT_WR) after its requests) still reads:
+        # keep the write side open until every request it completed is answered.
+        # A FIN looks the same whether the client half-closed or went away, so handlers
+        # run to their end either way; an RST still cancels them (connection_lost).
+        if self._eof:
+            return not self._closed
+        self._eof = True
+        if self._closed or (self._stopped and not self._queue):
+            return False
+        if not self._unparsed:
+            self._end_of_input()
+        return not self._closed
 
     def data_received(self, data: bytes) -> None:
         if self._unparsed:  # a read that raced pause_reading: keep the order
@@ -910,6 +924,9 @@ class HttpProtocol(asyncio.Protocol):
         self._unparsed = b""
         self._current = None
         transport = self._transport
+        if self._eof:
+            self._close()  # the client sends no more: nothing to linger for
+            return
         if self._read_paused:
             self._read_paused = False
             transport.resume_reading()
@@ -970,6 +987,11 @@ class HttpProtocol(asyncio.Protocol):
             self._feed(data)
             if self._closed:
                 return
+            if self._eof and not self._unparsed and not self._stopped:
+                self._end_of_input()
+                return
+        if self._eof:
+            return  # the transport reads no more; pausing or resuming would re-read the EOF
         pause = self._write_paused or len(self._queue) >= limit or bool(self._unparsed)
         if pause == self._read_paused:
             return

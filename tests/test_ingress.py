@@ -16,6 +16,7 @@ import logging
 import re
 import select
 import socket
+import struct
 import threading
 import time
 import weakref
@@ -511,6 +512,47 @@ def test_slow_reader_is_served_past_the_write_timeout(
     assert c.read_response().json()["query"] == "after"
 
 
+# --- half-closing clients -------------------------------------------------------------
+
+
+def test_half_closed_client_gets_every_answer_then_eof(server: ServerThread) -> None:
+    c = Client(server.port)
+    c.send(get("/sleep/200") + get("/echo?2"))
+    c.sock.shutdown(socket.SHUT_WR)
+    first = c.read_response()
+    assert first.body == b"/sleep/200"
+    assert first.header("connection") is None
+    last = c.read_response()
+    assert last.json()["query"] == "2"
+    assert last.header("connection") == "close"
+    assert c.closed()
+    assert server.state.finished == ["/sleep/200"]  # not cancelled by the FIN
+    wait_for(lambda: not server.connections)
+
+
+def test_half_close_mid_request_answers_only_the_whole_ones(server: ServerThread) -> None:
+    c = Client(server.port)
+    c.send(get("/echo?1") + b"GET /echo?2 HTTP/1.1\r\nHo")
+    c.sock.shutdown(socket.SHUT_WR)
+    assert c.read_response().json()["query"] == "1"
+    assert c.closed()
+    assert server.state.started == ["/echo"]
+
+
+def test_half_close_with_more_queued_than_the_pipeline(
+    make_server: Callable[..., ServerThread],
+) -> None:
+    srv = make_server(max_pipeline=2)
+    c = Client(srv.port)
+    n = 400  # far more than one parse step: most of it waits unparsed for a slot
+    c.send(b"".join(get(f"/sleep/0?{i}") for i in range(n)))
+    c.sock.shutdown(socket.SHUT_WR)
+    for _ in range(n):
+        assert c.read_response().status == 200
+    assert c.closed()
+    assert srv.state.count(srv.state.finished) == n
+
+
 # --- request bodies -------------------------------------------------------------------
 
 
@@ -919,6 +961,8 @@ def test_disconnect_cancels_handler_without_leaks(
     assert server.state.blocked.wait(WAIT)
     assert len(server.connections) == 1
     proto_ref = weakref.ref(next(iter(server.connections)))
+    # A reset, not a FIN: a FIN may be a half-close from a client still reading.
+    c.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     c.close()
     assert server.state.cancelled.wait(WAIT)
     wait_for(lambda: not server.connections)

@@ -36,6 +36,10 @@ syntax are rejected with 400, since those are how proxies and functions get
 disagreeing ideas of the target. An absolute-form target (RFC 7230 5.3.2) is served by
 its path, and its authority replaces ``Host`` (RFC 7230 5.4).
 
+A request with ``Upgrade`` (with or without ``Connection: upgrade``) is answered as
+plain HTTP and is the connection's last: a proxy in front may take the upgrade for
+granted and relay what follows as an opaque stream, which must never become requests.
+
 Output and input are bounded per connection. At most ``max_pipeline`` handlers have an
 answer not yet written; none start while the transport is above its high-water mark,
 and then reading pauses too. A client that takes none of its pending output for
@@ -396,6 +400,7 @@ class HttpProtocol(asyncio.Protocol):
         "_timer_when",
         "_transport",
         "_unparsed",
+        "_upgrade",
         "_url",
         "_waiting",
         "_write_mark",
@@ -465,6 +470,7 @@ class HttpProtocol(asyncio.Protocol):
         self._chunked = False
         self._expect: str | None = None
         self._hosts = 0
+        self._upgrade = False
         self._body: list[bytes] | None = None
         self._body_size = 0
 
@@ -567,13 +573,10 @@ class HttpProtocol(asyncio.Protocol):
         self._began = False
         try:
             self._parser.feed_data(data)
-        except httptools.HttpParserUpgrade as exc:
-            # The upgrade request was served as plain HTTP; httptools stopped at
-            # its end, so a fresh parser takes the rest of the stream.
-            self._parser = self._new_parser()
-            rest = data[exc.args[0] :]
-            if rest and not self._stopped:
-                self._feed_slice(rest)
+        except httptools.HttpParserUpgrade:
+            # llhttp stops after a request asking for an upgrade; it was answered as
+            # plain HTTP and ends the connection (on_headers_complete), so whatever
+            # follows, meant for the other protocol, is never read as HTTP.
             return
         except httptools.HttpParserError as exc:
             self._parse_error(exc)
@@ -616,6 +619,10 @@ class HttpProtocol(asyncio.Protocol):
         raise _Abort
 
     def on_message_begin(self) -> None:
+        if self._stopped:
+            # Bytes after the connection's last request (llhttp cannot know that a
+            # request with Upgrade ends it): stop the parser, _parse_error ignores it.
+            raise _Abort
         self._in_message = True
         self._in_head = True
         self._began = True
@@ -660,6 +667,8 @@ class HttpProtocol(asyncio.Protocol):
                 self._reject(400, "invalid Host header")
         elif key == "expect":
             self._expect = val
+        elif key == "upgrade":
+            self._upgrade = True
         self._headers.append((key, val))
 
     def on_headers_complete(self) -> None:
@@ -701,6 +710,11 @@ class HttpProtocol(asyncio.Protocol):
         keep_alive = parser.should_keep_alive()
         if self._chunked and version == "1.0":
             keep_alive = False  # RFC 9112 6.1: framing of a 1.0 message with TE is suspect
+        if self._upgrade:
+            # We upgrade to nothing, but a proxy in front may believe we did and relay
+            # the client's next bytes as an opaque stream: they must never be served
+            # as requests, so this one is the connection's last.
+            keep_alive = False
         request = Request(
             method,
             target,

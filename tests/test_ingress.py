@@ -889,13 +889,21 @@ def test_http10_chunked_request_closes_after_response(client: Client) -> None:
     assert client.closed()
 
 
-def test_upgrade_without_body_is_plain_http(client: Client) -> None:
-    client.send(
-        b"GET /echo?1 HTTP/1.1\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n"
-        + get("/echo?2")
-    )
-    assert client.read_response().json()["query"] == "1"
-    assert client.read_response().json()["query"] == "2"
+@pytest.mark.parametrize(
+    "upgrade",
+    [b"Connection: Upgrade\r\nUpgrade: websocket\r\n", b"Upgrade: h2c\r\n"],
+    ids=["connection-upgrade", "upgrade-alone"],
+)
+def test_upgrade_is_answered_as_plain_http_and_ends_the_connection(
+    server: ServerThread, client: Client, upgrade: bytes
+) -> None:
+    # A proxy may relay what follows as the upgraded stream: it must never be a request.
+    client.send(b"GET /echo?1 HTTP/1.1\r\nHost: t\r\n" + upgrade + b"\r\n" + get("/echo?2"))
+    reply = client.read_response()
+    assert reply.json()["query"] == "1"
+    assert reply.header("connection") == "close"
+    assert client.closed()
+    assert server.state.started == ["/echo"]
 
 
 # --- timeouts -------------------------------------------------------------------------

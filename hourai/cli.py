@@ -8,6 +8,7 @@ import contextlib
 import logging
 import re
 import signal
+import socket
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -302,14 +303,13 @@ async def serve_one(  # type: ignore[no-untyped-def]
         )
 
     try:
-        server = await serve(
-            http_handler(runtime, Router(runtime.functions, single=name)), args.host, args.port
-        )
+        sock = _bind(args.host, args.port)
     except OSError as exc:
         raise UsageError(
             f"cannot listen on {args.host}:{args.port}: {exc.strerror}"
             " (is another server there? pick another with --port)"
         ) from None
+    server = None
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -332,6 +332,10 @@ async def serve_one(  # type: ignore[no-untyped-def]
         except (DeployError, CodeStoreError, ValueError) as exc:
             print(f"hourai: error: {exc}", file=sys.stderr)
             return 1
+        # Listening only now, as uvicorn does after startup: until the function is
+        # ready a connection is refused (curl --retry-connrefused waits), not given 503.
+        handler = http_handler(runtime, Router(runtime.functions, single=name))
+        server = await serve(handler, args.host, args.port, sock=sock)
         host, port = server.sockets[0].getsockname()[:2]
         limits_note = f", tenant {spec.tenant}: {resources.describe()}" if resources else ""
         print(
@@ -350,8 +354,26 @@ async def serve_one(  # type: ignore[no-untyped-def]
                 await watcher
         return 0
     finally:
-        server.close()
+        if server is not None:
+            server.close()
+        sock.close()
         await runtime.stop()
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    """A socket bound to ``host:port`` but not listening yet: a port in use is said at
+    once, before the function is built, and nothing can connect before it is ready."""
+    family, kind, proto, _, address = socket.getaddrinfo(
+        host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+    except OSError:
+        sock.close()
+        raise
+    return sock
 
 
 async def _reload_loop(runtime, make_spec, version: str) -> None:  # type: ignore[no-untyped-def]

@@ -597,6 +597,7 @@ class Runtime:
             "kind": spec.kind,
             "env": env,
             "cwd": spec.target.root,
+            "source_root": spec.source_root,
             "uid": tenant.uid,
             "gid": tenant.gid,
             "cgroup_procs": self.cgroups.procs_files(spec.tenant),

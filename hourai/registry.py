@@ -37,9 +37,11 @@ class FunctionSpec:
     tenant: str = "default"
     env: dict[str, str] = field(default_factory=dict)
     limits: FunctionLimits = field(default_factory=FunctionLimits)
-    # The tenant's cgroup limits this deploy declares (memory, cpu, pids); the latest
-    # deploy of any of the tenant's functions sets them.
+    # The tenant's cgroup limits this deploy declares (memory, cpu, pids); they count
+    # with its other functions' (see Runtime.effective_tenant_limits).
     resources: TenantLimits | None = None
+    # Where the code was deployed from: tracebacks name these files, not the code store's.
+    source_root: str | None = None
 
 
 def build_spec(
@@ -78,6 +80,7 @@ def build_spec(
         env=env,
         limits=limits or FunctionLimits(),
         resources=resources,
+        source_root=target.root,
     )
 
 

@@ -468,6 +468,7 @@ class Daemon:
             env=dict(entry.env),
             limits=limits.function,
             resources=limits.tenant,
+            source_root=entry.source_root,
         )
 
     async def _runtime_deploy(self, spec: FunctionSpec) -> dict[str, Any]:
@@ -606,6 +607,7 @@ class Daemon:
                 env=dict(spec.env),
                 options=own,
                 deployed_at=time.time(),
+                source_root=spec.source_root,
             )
             record.put(entry)
             self.records[name] = record

@@ -63,6 +63,7 @@ class VersionRecord:
     error: str | None = None
     detected: dict[str, Any] | None = None  # {"kind", "attr", "init_ms"} from the build
     activated_at: float | None = None
+    source_root: str | None = None  # the deployed directory, for tracebacks
 
     def target(self, code_root: Path) -> Target:
         return Target(

@@ -25,6 +25,7 @@ from urllib.parse import urlencode
 
 from hourai.isolate.adapters import Invoker
 from hourai.isolate.lambda_event import Invocation, Response, is_text_content_type
+from hourai.isolate.tracebacks import user_paths
 
 JSON = [["content-type", "application/json"]]
 
@@ -71,7 +72,7 @@ def error_fields(exc: BaseException) -> dict[str, Any]:
     return {
         "errorType": kind,
         "errorMessage": str(exc),
-        "stackTrace": traceback.format_list(frames),
+        "stackTrace": [user_paths(line) for line in traceback.format_list(frames)],
     }
 
 

@@ -25,6 +25,7 @@ from typing import Any
 from hourai.channel import AsyncChannel, BlockingChannel, ChannelClosed
 from hourai.isolate import direct
 from hourai.isolate.adapters import Invoker, new_event_loop
+from hourai.isolate.tracebacks import user_paths
 
 # A request-shaped message for warm_up: every field the adapters read, nothing of a tenant's.
 _DUMMY = {
@@ -104,7 +105,7 @@ def run_invocation(invoker: Invoker, inv: dict[str, Any]) -> dict[str, Any]:
 
 def error_reply(inv: dict[str, Any], exc: BaseException) -> dict[str, Any]:
     error_id = secrets.token_hex(6)
-    details = traceback.format_exc()
+    details = user_paths(traceback.format_exc())
     print(
         f"error {error_id} in request {inv.get('request_id', '-')}:\n{details}",
         file=sys.stderr,

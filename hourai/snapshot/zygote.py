@@ -32,6 +32,7 @@ from hourai.channel import BlockingChannel, ChannelClosed
 from hourai.isolate import sandbox
 from hourai.isolate.adapters import Invoker, StartupError
 from hourai.isolate.loader import LoadError, Target, load
+from hourai.isolate.tracebacks import show_as, user_paths
 from hourai.isolate.worker import serve_worker, serve_worker_concurrent
 from hourai.snapshot import immortal
 
@@ -251,6 +252,7 @@ class Snapshot:
 
     def run(self) -> None:
         started = time.perf_counter()
+        show_as(self.spec.get("cwd"), self.spec.get("source_root"))
         try:
             target = Target(**self.spec["target"])
             invoker = load(
@@ -258,14 +260,16 @@ class Snapshot:
             )
             invoker.startup()
         except (LoadError, StartupError) as exc:
-            self.channel.send({"t": "failed", "error": str(exc), "details": exc.details})
+            self.channel.send(
+                {"t": "failed", "error": str(exc), "details": user_paths(exc.details)}
+            )
             return
         except Exception as exc:
             self.channel.send(
                 {
                     "t": "failed",
                     "error": f"{type(exc).__name__}: {exc}",
-                    "details": traceback.format_exc(),
+                    "details": user_paths(traceback.format_exc()),
                 }
             )
             return

@@ -796,16 +796,22 @@ class Runtime:
         reason = self.death_reason(worker)
         log.warning("%s#%d %s", worker.function, worker.pid, reason)
         self._forget_worker(worker)
-        self._apply(self.scheduler.worker_died(worker.wid, reason))
+        # An OOM kill is the invocation's doing, not a function that cannot start.
+        oom = self._oom_killed(worker)
+        self._apply(self.scheduler.worker_died(worker.wid, reason, oom=oom))
 
-    def death_reason(self, worker: WorkerProc) -> str:
+    def _oom_killed(self, worker: WorkerProc) -> bool:
         spec = self.functions.get(worker.function)
-        if (
+        return (
             spec is not None
             and worker.exit is not None
             and worker.exit.signal == signal.SIGKILL
             and self.cgroups.oom_killed_since(spec.tenant, worker.oom_mark)
-        ):
+        )
+
+    def death_reason(self, worker: WorkerProc) -> str:
+        spec = self.functions.get(worker.function)
+        if spec is not None and self._oom_killed(worker):
             limit = self.effective_tenant_limits(spec.tenant).memory_max
             what = f"{format_size(limit)} memory limit" if limit else "memory limit"
             return (

@@ -622,3 +622,21 @@ def test_admission_never_exceeds_the_budget(requests):
             if isinstance(d, UnloadSnapshot):
                 snapshot[d.fn] = 0
             assert not isinstance(d, PrewarmSnapshot)  # nothing learned yet
+
+
+def test_one_tenants_use_cannot_get_another_tenants_rebuild_refused():
+    """A hog holding most of the budget in busy workers (nothing evictable) gets its own
+    next rebuild refused; a small tenant, within an equal share, is still admitted."""
+    p = AdaptivePolicy(PolicyParams(memory_budget_bytes=4 * GiB))
+    p.register("hog-fn", "hog")
+    p.register("small-fn", "small")
+    p.declare_tenant("hog", 8 * GiB)
+    p.declare_tenant("small", 1 * GiB)
+    p.observe_cost("hog-fn", 0.1, 64 * MiB, MiB)
+    p.on_invocation("hog-fn", 0.0)  # busy: not evictable
+    usage = {"hog": TenantUsage(4 * GiB, 0.0), "small": TenantUsage(16 * MiB, 0.0)}
+    p.observe_memory(1.0, 4 * GiB + 16 * MiB, tenants=usage)  # over the budget
+    small = p.admit("small-fn", 3 * MiB, 1.0)
+    assert small.ok and "share" in small.reason
+    hog = p.admit("hog-fn", 64 * MiB, 1.0)
+    assert not hog.ok and "tenant hog uses" in hog.reason

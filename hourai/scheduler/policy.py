@@ -1100,6 +1100,14 @@ class KeepAlivePolicy:
             return Admission(True, "within budget")
         plan, freed = self._plan_evictions(over, exclude=st)
         if freed < over:
+            # Each tenant is held to its own part of the budget: a tenant still within an
+            # equal share (and its own limit) is admitted, so one tenant's use cannot get
+            # another's rebuild refused; the kernel's per-tenant limits bound the rest.
+            share = self._tenant_share()
+            mine = self._tenant_used(st.tenant)
+            if share < budget and mine + needed_bytes <= share:
+                self._used += needed_bytes
+                return Admission(True, f"within tenant {st.tenant}'s share of the budget")
             st.history.rejections += 1
             self.counters["rejections"] += 1
             return Admission(
@@ -1107,13 +1115,35 @@ class KeepAlivePolicy:
                 f"memory: {fn} needs {format_size(int(needed_bytes), exact=False)}, "
                 f"{format_size(max(0, self._used), exact=False)} of "
                 f"{format_size(int(budget), exact=False)} in use, only "
-                f"{format_size(max(0, int(freed)), exact=False)} evictable",
+                f"{format_size(max(0, int(freed)), exact=False)} evictable; tenant "
+                f"{st.tenant} uses {format_size(int(mine), exact=False)}, its share is "
+                f"{format_size(int(share), exact=False)}",
             )
         out: list[Decision] = []
         self._apply(plan, out, f"admitting {fn}")
         self.counters["admission_evictions"] += len(out)
         self._used += needed_bytes
         return Admission(True, f"evicted {len(out)} to make room", tuple(out))
+
+    def _tenant_used(self, tenant: str) -> int:
+        """What ``tenant`` holds now: its cgroup's last reading (at most its own limit), or
+        what its loaded snapshots and idle workers are known to take, whichever is more."""
+        t = self._tenants.get(tenant)
+        reading = 0
+        if t is not None:
+            reading = min(t.current, t.max_bytes) if t.max_bytes is not None else t.current
+        known = sum(
+            self._snapshot_bytes(st) + st.idle_workers * self._worker_bytes(st)
+            for st in self._fns.values()
+            if st.tenant == tenant and st.loaded
+        )
+        return max(reading, known)
+
+    def _tenant_share(self) -> float:
+        """An equal part of the budget for every tenant that holds memory now (the whole
+        budget while only one does: then the plain budget rule is all there is)."""
+        holding = sum(1 for t in self._tenants.values() if t.current > 0)
+        return self._budget / max(1, holding)
 
     # --- tenant limits ------------------------------------------------------------------------
 

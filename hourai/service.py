@@ -545,6 +545,7 @@ class Daemon:
                 self.metrics.deployed("invalid")
                 raise ApiError(400, str(exc)) from None
             tenant = options.get("tenant", self.config.default_tenant)
+            t_packages = time.perf_counter()
             try:
                 packages = await asyncio.to_thread(
                     self.runtime.packages.provide_for, Path(target.root)
@@ -557,10 +558,14 @@ class Daemon:
                     f"{name}: the function's requirements cannot be installed: {exc}",
                     serving=record.active if record else None,
                 ) from None
+            packages_ms = (time.perf_counter() - t_packages) * 1e3
             try:
-                return await self._deploy_stored(
+                result = await self._deploy_stored(
                     name, target, options, limits, tenant, packages, t0
                 )
+                if packages is not None:
+                    result["packages_ms"] = round(packages_ms, 1)
+                return result
             finally:
                 self.runtime.packages.release(packages or ())
 
@@ -939,6 +944,7 @@ class Daemon:
             doc["tenant"] = active.tenant
             doc["code"] = str(self.runtime.codestore.path(active.code))
             doc["env"] = sorted(active.env)  # names only: values may be secrets
+            doc["packages"] = active.packages
             doc["options"] = active.options
             try:
                 limits = self._limits(active.options)

@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import sys
 import sysconfig
@@ -41,6 +42,7 @@ from hourai.packages.requirements import declared
 # What an installer writes about the install itself (times, its own name): not content.
 _NOT_CONTENT = {"RECORD", "INSTALLER", "REQUESTED", "uv_cache.json", "direct_url.json"}
 _DIR_MODE, _FILE_MODE = 0o755, 0o644
+_EXACT = re.compile(r"^\s*([A-Za-z0-9][A-Za-z0-9._-]*)\s*==\s*([A-Za-z0-9.+!_-]+)\s*$")
 
 
 def interpreter_tag() -> str:
@@ -60,7 +62,9 @@ class PackageStore:
         os.chmod(root, 0o711)
         os.chmod(self.dists, 0o711)
         self._index_path = root / "index.json"
-        self._index: dict[str, str] = self._load_index()
+        self._index: dict[str, str] = {}
+        self._closed: set[str] = set()  # pin sets that resolve to themselves (see provide)
+        self._load_index()
 
     def path(self, name: str) -> Path:
         return self.dists / name
@@ -78,8 +82,17 @@ class PackageStore:
 
     def provide(self, requirements: list[str]) -> list[str]:
         """The store directories of everything ``requirements`` resolve to, installing what
-        is missing; held until :meth:`release`. Raises InstallError with uv's message."""
-        pins = self.installer.resolve(requirements)
+        is missing; held until :meth:`release`. Raises InstallError with uv's message.
+
+        Requirements that pin every distribution they need (``pip freeze`` output, a lock
+        file) are resolved once: when uv's answer was exactly those pins, the same pins are
+        the answer again, and the next deploy of them needs no uv at all.
+        """
+        exact = exact_pins(requirements)
+        closed = exact is not None and self._closed_key(exact) in self._closed
+        pins = (
+            sorted(exact) if closed and exact is not None else self.installer.resolve(requirements)
+        )
         with self._lock:
             found: dict[Pin, str] = {}
             missing = []
@@ -93,6 +106,9 @@ class PackageStore:
                 found.update(self._install(missing))
             names = [found[pin] for pin in pins]
             self._held.update(names)
+            if exact is not None and not closed and exact == set(pins):
+                self._closed.add(self._closed_key(exact))
+                self._save_index()
             return names
 
     def release(self, names: Iterable[str]) -> None:
@@ -181,22 +197,39 @@ class PackageStore:
     def _key(self, pin: Pin) -> str:
         return f"{self.tag}/{pin}"
 
-    def _load_index(self) -> dict[str, str]:
+    def _closed_key(self, pins: set[Pin]) -> str:
+        text = "\n".join([self.tag, *map(str, sorted(pins))])
+        return hashlib.sha256(text.encode()).hexdigest()
+
+    def _load_index(self) -> None:
+        # Only a cache of what dists/ holds and of resolutions: a lost or unreadable index
+        # costs the next deploys a resolution and an install, nothing else.
         try:
             data = json.loads(self._index_path.read_bytes())
-        except FileNotFoundError:
-            return {}
         except (OSError, ValueError):
-            # Only a cache of what dists/ holds: lose it and the next deploy reinstalls.
-            return {}
+            return
         if not isinstance(data, dict):
-            return {}
-        return {k: v for k, v in data.items() if isinstance(k, str) and isinstance(v, str)}
+            return
+        dists, closed = data.get("dists"), data.get("closed")
+        if isinstance(dists, dict):
+            self._index = {k: v for k, v in dists.items() if isinstance(v, str)}
+        if isinstance(closed, list):
+            self._closed = {k for k in closed if isinstance(k, str)}
 
     def _save_index(self) -> None:
-        atomic_write(
-            self._index_path, json.dumps(self._index, indent=1, sort_keys=True).encode(), 0o600
-        )
+        doc = {"dists": self._index, "closed": sorted(self._closed)}
+        atomic_write(self._index_path, json.dumps(doc, indent=1, sort_keys=True).encode(), 0o600)
+
+
+def exact_pins(requirements: list[str]) -> set[Pin] | None:
+    """The pins when every requirement is exactly ``name==version``, else None."""
+    out = set()
+    for line in requirements:
+        match = _EXACT.match(line)
+        if match is None:
+            return None
+        out.add(Pin(normalize(match.group(1)), match.group(2)))
+    return out
 
 
 def _pin_of(info: Path) -> Pin:

@@ -553,6 +553,8 @@ class Daemon:
             except PackageError as exc:
                 self.metrics.deployed("refused")
                 record = self.records.get(name)
+                if record is not None:
+                    self.function_logs.event(name, f"deploy refused: requirements: {exc}")
                 raise ApiError(
                     422,
                     f"{name}: the function's requirements cannot be installed: {exc}",

@@ -63,6 +63,7 @@ def test_requirements_txt_and_pyproject_are_read_by_name_only(tmp_path: Path) ->
         "foo @ https://evil.example/foo.whl",
         "./local/dir",
         "git+https://example.com/x.git",
+        "flask --index-url https://evil.example/simple",
     ):
         (tmp_path / "requirements.txt").write_text(f"{bad}\n")
         with pytest.raises(RequirementsError, match=r"requirements\.txt:1"):
@@ -116,12 +117,14 @@ def test_a_function_imports_what_it_declared_and_shares_it(hourai_daemon, tmp_pa
 
     # a second function with overlapping requirements: beta is the same directory
     t0 = time.perf_counter()
-    second = _deploy(d, "two", _function(tmp_path / "two", "beta>=2\ngamma==0.3\n"))
+    second = _deploy(d, "two", _function(tmp_path / "two", "beta>=2\ngamma==0.3\nmsgpack==0.0.1\n"))
     elapsed = time.perf_counter() - t0
     got2 = _invoke(d, "two")
     assert got2["beta_dir"] == str(beta_dir)
     assert Path(got2["beta_dir"]).stat().st_ino == beta_dir.stat().st_ino
     assert got2["gamma"] == "gamma 0.3" and got2["alpha"].startswith("ModuleNotFoundError")
+    # its own msgpack, while hourai's (which framed this very answer) stays hourai's
+    assert got2["msgpack"] == "the tenant msgpack"
     assert set(first["packages"]) & set(second["packages"]) == {beta_dir.name}
 
     # the same requirements again: nothing to install, a deploy in well under a second

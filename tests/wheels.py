@@ -44,4 +44,6 @@ def wheelhouse(out: Path) -> Path:
         out, "beta", "2.1", {"beta/__init__.py": "Y = 'beta 2.1'\n", "beta/sub.py": "Z = 1\n"}
     )
     build_wheel(out, "gamma", "0.3", {"gamma/__init__.py": "G = 'gamma 0.3'\n"})
+    # the name of a package hourai itself has imported in the root zygote
+    build_wheel(out, "msgpack", "0.0.1", {"msgpack/__init__.py": "X = 'the tenant msgpack'\n"})
     return out

@@ -153,6 +153,9 @@ class Installer:
                 text=True,
                 timeout=TIMEOUT,
                 env=env,
+                # uv reads uv.toml / pyproject.toml of its working dir and its parents:
+                # only the host's own config (user, system) may choose the index
+                cwd="/",
                 stdin=None if stdin is not None else subprocess.DEVNULL,
             )
         except subprocess.TimeoutExpired:

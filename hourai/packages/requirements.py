@@ -71,7 +71,7 @@ def declared(root: Path) -> list[str] | None:
 
 def check(line: str, where: str) -> str:
     """One requirement by name, or RequirementsError saying what is allowed."""
-    if line.startswith("-"):
+    if line.startswith("-") or "--" in line or line.endswith("\\"):
         raise RequirementsError(
             f"{where}: {line!r}: options are not allowed in a function's requirements (the "
             "index is the host's; list packages by name, e.g. flask>=3)"

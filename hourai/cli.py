@@ -356,7 +356,10 @@ async def serve_one(  # type: ignore[no-untyped-def]
         try:
             spec = make_spec()
             info = await runtime.deploy(spec)
-        except (DeployError, CodeStoreError, ValueError, PackageError) as exc:
+        except PackageError as exc:
+            print(f"hourai: error: the requirements cannot be installed: {exc}", file=sys.stderr)
+            return 1
+        except (DeployError, CodeStoreError, ValueError) as exc:
             print(f"hourai: error: {exc}", file=sys.stderr)
             return 1
         host, port = server.sockets[0].getsockname()[:2]

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import FUNCTIONS
+from conftest import FUNCTIONS, request
 from wheels import wheelhouse
 
 from hourai.client import Client
@@ -159,7 +159,7 @@ def test_an_unresolvable_requirement_is_refused_with_uvs_reason(hourai_daemon, t
     (fn / "requirements.txt").write_text("beta==1.0\nno-such-package>=1\n")
     refused = d.cli("deploy", "fn", str(fn), check=False)
     assert refused.returncode == 1
-    assert "requirements cannot be installed" in refused.stderr
+    assert "requirements cannot be installed: No solution found" in refused.stderr
     # uv's own words
     assert "no-such-package was not found in the provided package locations" in refused.stderr
     assert f"version {v1} keeps serving" in refused.stderr
@@ -193,12 +193,22 @@ def test_unused_distributions_are_collected(hourai_daemon, tmp_path) -> None:
 def test_hourai_run_installs_a_dirs_requirements(hourai_run, tmp_path) -> None:
     wheels = wheelhouse(tmp_path / "wheels")
     fn = _function(tmp_path / "fn", "alpha\n")
-    proc = hourai_run("--no-index", "--find-links", str(wheels), str(fn))
-    from conftest import request
-
+    index = ("--no-index", "--find-links", str(wheels))
+    proc = hourai_run(*index, "--reload", str(fn))
     got = json.loads(request(proc.port, "/").body)
     assert got["alpha"] == "alpha 1.0" and got["beta"] == "beta 2.1"
     assert got["flask"].startswith("ModuleNotFoundError")
+
+    # an edit of the requirements is a new version, installed and switched to
+    (fn / "requirements.txt").write_text("alpha\ngamma\n")
+    proc.wait_for("now serving version")
+    assert json.loads(request(proc.port, "/").body)["gamma"] == "gamma 0.3"
+
+    bad = _function(tmp_path / "bad", "no-such-package\n")
+    failed = hourai_run(*index, str(bad), wait=False)
+    failed.wait_for("the requirements cannot be installed: No solution found")
+    failed.wait_for("no-such-package was not found")
+    assert failed.proc.wait(60) == 1
 
 
 def _real_index_problem() -> str | None:

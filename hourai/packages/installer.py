@@ -164,5 +164,6 @@ class Installer:
             raise InstallError(f"cannot run uv: {exc}") from None
         if done.returncode != 0:
             message = done.stderr.strip() or done.stdout.strip() or f"exit {done.returncode}"
-            raise InstallError(message)
+            # uv's words, without its "error: " (the caller says what failed)
+            raise InstallError(message.removeprefix("error: "))
         return done.stdout

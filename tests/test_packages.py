@@ -189,6 +189,14 @@ def test_unused_distributions_are_collected(hourai_daemon, tmp_path) -> None:
     d.cli("rm", "other")
     assert {p.name for p in dists.iterdir()} == set(new)
 
+    # a distribution lost behind the daemon's back: the restart says so, it does not guess
+    d.stop()
+    shutil.rmtree(dists / new[0])
+    again = hourai_daemon(_config(wheels) + NO_SPARES)
+    shown = json.loads(again.cli("show", "fn", "--json").stdout)
+    assert shown["state"] == "not restored"
+    assert f"missing from the package store ({new[0]})" in shown["restore_error"]
+
 
 def test_hourai_run_installs_a_dirs_requirements(hourai_run, tmp_path) -> None:
     wheels = wheelhouse(tmp_path / "wheels")

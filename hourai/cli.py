@@ -117,6 +117,21 @@ def add_run_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[typ
         help="module the root zygote imports once, e.g. flask (repeatable)",
     )
     p.add_argument(
+        "--index-url",
+        metavar="URL",
+        help="package index for the function's requirements.txt (default: uv's)",
+    )
+    p.add_argument(
+        "--find-links",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="directory or page of wheels for the requirements (repeatable)",
+    )
+    p.add_argument(
+        "--no-index", action="store_true", help="install requirements from --find-links only"
+    )
+    p.add_argument(
         "--keep-alive",
         type=float,
         default=60.0,
@@ -285,10 +300,31 @@ async def serve_one(  # type: ignore[no-untyped-def]
     from hourai.codestore import CodeStoreError
     from hourai.daemon import DeployError, Router, Runtime, RuntimeSettings, http_handler
     from hourai.ingress import serve
+    from hourai.packages import PackageError
+    from hourai.packages.installer import IndexSettings
+    from hourai.packages.requirements import declared
     from hourai.registry import build_spec
 
-    runtime = Runtime(RuntimeSettings(preloads=args.preload))
+    # uv's own cache (in the user's home) outlives this run: the next one installs from it.
+    index = IndexSettings(
+        index_url=args.index_url, find_links=tuple(args.find_links), no_index=args.no_index
+    )
+    runtime = Runtime(RuntimeSettings(preloads=args.preload, packages=index))
     name = function_name(target)
+    resolved: dict[str, list[str] | None] = {}
+
+    def packages() -> list[str] | None:
+        """The function's packages, resolved again only when what it declares changes
+        (the reload loop asks twice a second)."""
+        wanted = declared(Path(target.root))
+        key = repr(wanted)
+        if key not in resolved:
+            got = None if wanted is None else runtime.packages.provide(wanted)
+            if got is not None:
+                runtime.packages.release(got)  # a private store: nothing collects it
+            resolved.clear()
+            resolved[key] = got
+        return resolved[key]
 
     def make_spec():  # type: ignore[no-untyped-def]
         return build_spec(
@@ -300,6 +336,7 @@ async def serve_one(  # type: ignore[no-untyped-def]
             env=env,
             limits=limits,
             resources=resources,
+            packages=packages(),
         )
 
     try:
@@ -329,6 +366,9 @@ async def serve_one(  # type: ignore[no-untyped-def]
         try:
             spec = make_spec()
             info = await runtime.deploy(spec)
+        except PackageError as exc:
+            print(f"hourai: error: the requirements cannot be installed: {exc}", file=sys.stderr)
+            return 1
         except (DeployError, CodeStoreError, ValueError) as exc:
             print(f"hourai: error: {exc}", file=sys.stderr)
             return 1
@@ -380,12 +420,13 @@ async def _reload_loop(runtime, make_spec, version: str) -> None:  # type: ignor
     """Poll the code tree; a new version is built beside the old one and only then switched."""
     from hourai.codestore import CodeStoreError
     from hourai.daemon import DeployError
+    from hourai.packages import PackageError
 
     while True:
         await asyncio.sleep(0.5)
         try:
             spec = make_spec()
-        except (OSError, CodeStoreError) as exc:
+        except (OSError, CodeStoreError, PackageError) as exc:
             print(f"hourai: reload skipped: {exc}", file=sys.stderr, flush=True)
             continue
         if spec.version == version:

@@ -263,6 +263,9 @@ def cmd_deploy(args: argparse.Namespace) -> int:
             f"  {detected} from {doc['source']}, tenant {doc['tenant']}{limits}{warm}; "
             f"snapshot built in {doc['init_ms']:.0f} ms"
         )
+        if doc.get("packages") is not None:
+            names = ", ".join(n.rsplit("-", 1)[0] for n in doc["packages"]) or "none"
+            print(f"  packages: {names} (resolved in {doc.get('packages_ms', 0):.0f} ms)")
 
     return _run(args, call)
 

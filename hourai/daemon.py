@@ -36,6 +36,8 @@ from hourai.channel import AsyncChannel
 from hourai.codestore import CodeStore
 from hourai.ingress import Request, Response, error_response
 from hourai.isolate import sandbox
+from hourai.packages.installer import IndexSettings, Installer
+from hourai.packages.store import PackageStore
 from hourai.registry import FunctionSpec, default_env
 from hourai.resources import ResourceManager
 from hourai.scheduler.core import (
@@ -125,6 +127,8 @@ class RuntimeSettings:
     # The adaptive resource policy (snapshot keep-alive, pre-warm, eviction, admission,
     # tenant limit sizing); None: snapshots stay until removed.
     policy: PolicyParams | None = field(default_factory=PolicyParams)
+    # Where functions' declared packages come from ([packages] in the config).
+    packages: IndexSettings = field(default_factory=IndexSettings)
 
 
 @dataclass(eq=False)
@@ -218,6 +222,7 @@ class Runtime:
         self.codestore = CodeStore(
             self.state_dir / "code", group_of=lambda tenant: self.tenants.get(tenant).gid
         )
+        self.packages = PackageStore(self.state_dir / "packages", Installer(self.settings.packages))
         self.tenant_limits: dict[str, TenantLimits] = {}
         self.subtree_claim: SubtreeClaim | None = None
         self.resources = (
@@ -606,6 +611,9 @@ class Runtime:
             "sandbox": sandboxed,
             "immortalize": self.settings.immortalize,
             "tmp_size": spec.limits.tmp_size,
+            "packages": None
+            if spec.packages is None
+            else [str(self.packages.path(name)) for name in spec.packages],
         }
 
     # ------------------------------------------------------------------ requests

@@ -50,6 +50,8 @@ from hourai.ingress import HttpProtocol, Request, serve
 from hourai.isolate.loader import Target, TargetError, as_factory, resolve_target
 from hourai.logs import FunctionLogs, setup_daemon_logging
 from hourai.metrics import CONTENT_TYPE, Metrics
+from hourai.packages import PackageError
+from hourai.packages.installer import IndexSettings
 from hourai.registry import FunctionSpec, build_spec, check_name
 from hourai.scheduler.policy import PolicyParams
 from hourai.sdnotify import Notifier
@@ -161,6 +163,7 @@ class Daemon:
                     policy=PolicyParams(memory_budget_bytes=config.memory_budget)
                     if config.adaptive
                     else None,
+                    packages=_index_settings(config),
                 )
             )
         except (RuntimeError, CgroupError, OSError) as exc:
@@ -382,6 +385,7 @@ class Daemon:
                             f"the code of version {entry.version} is missing from the code "
                             f"store ({spec.target.root}); deploy the function again"
                         )
+                    self._check_packages(spec)
                     await self._runtime_deploy(spec)
                 except (DeployError, ConfigError, CgroupError, ValueError) as exc:
                     self.restore_errors[name] = str(exc)
@@ -469,7 +473,17 @@ class Daemon:
             limits=limits.function,
             resources=limits.tenant,
             source_root=entry.source_root,
+            packages=tuple(entry.packages) if entry.packages is not None else None,
         )
+
+    def _check_packages(self, spec: FunctionSpec) -> None:
+        store = self.runtime.packages
+        missing = [p for p in spec.packages or () if not store.path(p).is_dir()]
+        if missing:
+            raise DeployError(
+                f"version {spec.version}'s packages are missing from the package store "
+                f"({', '.join(missing)}); deploy the function again"
+            )
 
     async def _runtime_deploy(self, spec: FunctionSpec) -> dict[str, Any]:
         """runtime.deploy with a deadline, and with a rebuild of the version's snapshot when
@@ -552,29 +566,67 @@ class Daemon:
                 self.metrics.deployed("invalid")
                 raise ApiError(400, str(exc)) from None
             tenant = options.get("tenant", self.config.default_tenant)
+            t_packages = time.perf_counter()
             try:
-                async with self._store_lock:
-                    spec = await asyncio.to_thread(
-                        _freeze,
-                        self.runtime.codestore,
-                        name,
-                        target,
-                        kind=options.get("kind"),
-                        tenant=tenant,
-                        env=options.get("env", {}),
-                        limits=limits,
-                    )
-                    code = Path(spec.target.root).name
-                    self._pinned[code] += 1
-            except (CodeStoreError, ValueError, OSError) as exc:
-                self.metrics.deployed("invalid")
-                raise ApiError(400, f"cannot store the code of {name}: {exc}") from None
+                packages = await asyncio.to_thread(
+                    self.runtime.packages.provide_for, Path(target.root)
+                )
+            except PackageError as exc:
+                self.metrics.deployed("refused")
+                record = self.records.get(name)
+                if record is not None:
+                    self.function_logs.event(name, f"deploy refused: requirements: {exc}")
+                raise ApiError(
+                    422,
+                    f"{name}: the function's requirements cannot be installed: {exc}",
+                    serving=record.active if record else None,
+                ) from None
+            packages_ms = (time.perf_counter() - t_packages) * 1e3
             try:
-                return await self._deploy_spec(name, spec, options, limits, t0)
+                result = await self._deploy_stored(
+                    name, target, options, limits, tenant, packages, t0
+                )
+                if packages is not None:
+                    result["packages_ms"] = round(packages_ms, 1)
+                return result
             finally:
-                self._pinned[code] -= 1
-                if self._pinned[code] <= 0:
-                    del self._pinned[code]
+                self.runtime.packages.release(packages or ())
+
+    async def _deploy_stored(
+        self,
+        name: str,
+        target: Target,
+        options: dict[str, Any],
+        limits: Limits,
+        tenant: str,
+        packages: list[str] | None,
+        t0: float,
+    ) -> dict[str, Any]:
+        """Freeze the code, record the version, build it (see _deploy_spec)."""
+        try:
+            async with self._store_lock:
+                spec = await asyncio.to_thread(
+                    _freeze,
+                    self.runtime.codestore,
+                    name,
+                    target,
+                    kind=options.get("kind"),
+                    tenant=tenant,
+                    env=options.get("env", {}),
+                    limits=limits,
+                    packages=packages,
+                )
+                code = Path(spec.target.root).name
+                self._pinned[code] += 1
+        except (CodeStoreError, ValueError, OSError) as exc:
+            self.metrics.deployed("invalid")
+            raise ApiError(400, f"cannot store the code of {name}: {exc}") from None
+        try:
+            return await self._deploy_spec(name, spec, options, limits, t0)
+        finally:
+            self._pinned[code] -= 1
+            if self._pinned[code] <= 0:
+                del self._pinned[code]
 
     async def _deploy_spec(
         self,
@@ -608,6 +660,7 @@ class Daemon:
                 options=own,
                 deployed_at=time.time(),
                 source_root=spec.source_root,
+                packages=list(spec.packages) if spec.packages is not None else None,
             )
             record.put(entry)
             self.records[name] = record
@@ -680,6 +733,7 @@ class Daemon:
             "limits": dataclasses.asdict(spec.limits),
             "tenant_limits": spec.resources.describe() if spec.resources else None,
             "min_warm": limits.min_warm,
+            "packages": list(spec.packages) if spec.packages is not None else None,
         }
 
     async def remove(self, name: str) -> dict[str, Any]:
@@ -734,6 +788,10 @@ class Daemon:
                 raise ApiError(
                     409, f"the code of {name} version {entry.version} is no longer stored"
                 )
+            try:
+                self._check_packages(spec)
+            except DeployError as exc:
+                raise ApiError(409, f"{name}: {exc}") from None
             previous = record.active
             try:
                 info = await self._runtime_deploy(spec)
@@ -916,6 +974,7 @@ class Daemon:
             doc["tenant"] = active.tenant
             doc["code"] = str(self.runtime.codestore.path(active.code))
             doc["env"] = sorted(active.env)  # names only: values may be secrets
+            doc["packages"] = active.packages
             doc["options"] = active.options
             try:
                 limits = self._limits(active.options)
@@ -1028,6 +1087,8 @@ class Daemon:
         self.function_logs.set_rotation(new.log.function_max_size, new.log.function_files)
         if new.domain != old.domain:
             self.router.domain = Router({}, domain=new.domain).domain
+        if new.packages != old.packages:
+            self.runtime.packages.installer.settings = _index_settings(new)
         if self.runtime.resources is not None and new.memory_budget != old.memory_budget:
             self.runtime.resources.policy.set_memory_budget(new.memory_budget)
         if (new.tenant_defaults, new.tenants) != (old.tenant_defaults, old.tenants):
@@ -1081,6 +1142,10 @@ class Daemon:
             removed = await asyncio.to_thread(_remove_unreferenced, store.root, keep)
         if removed:
             log.info("code store: removed %d unreferenced code trees", removed)
+        used = {p for r in self.records.values() for v in r.versions for p in v.packages or ()}
+        gone = await asyncio.to_thread(self.runtime.packages.collect, used)
+        if gone:
+            log.info("package store: removed %d unused distributions", len(gone))
 
 
 # ---------------------------------------------------------------------- helpers
@@ -1089,6 +1154,17 @@ class Daemon:
 def _url(server: asyncio.base_events.Server) -> str:
     host, port = server.sockets[0].getsockname()[:2]
     return f"http://[{host}]:{port}/" if ":" in host else f"http://{host}:{port}/"
+
+
+def _index_settings(config: Config) -> IndexSettings:
+    packages = config.packages
+    return IndexSettings(
+        index_url=packages.index_url,
+        extra_index_urls=packages.extra_index_urls,
+        find_links=packages.find_links,
+        no_index=packages.no_index,
+        cache_dir=packages.cache_dir or config.state_dir / "packages" / "cache",
+    )
 
 
 def _deploy_body(body: dict[str, Any]) -> tuple[str, str | None, dict[str, Any]]:

@@ -34,6 +34,7 @@ from hourai.isolate.adapters import Invoker, StartupError
 from hourai.isolate.loader import LoadError, Target, load
 from hourai.isolate.tracebacks import show_as, user_paths
 from hourai.isolate.worker import serve_worker, serve_worker_concurrent
+from hourai.packages import importpath
 from hourai.snapshot import immortal
 
 # Tenants' processes go before the daemon (0) when the host runs out of memory. Workers
@@ -218,11 +219,16 @@ class RootZygote:
         # 5. a sandbox of our own (we are pid 1 of a new pid namespace): only our processes
         # in /proc, a private tmpfs behind /tmp and /dev/shm. Without one, orphans of tenant
         # code are still ours to reap and kill as subreaper.
+        packages = spec.get("packages")
         if spec.get("sandbox"):
-            needed = [spec.get("cwd") or "", *sys.path, *sandbox.package_dirs()]
+            needed = [spec.get("cwd") or "", *sys.path, *sandbox.package_dirs(), *(packages or ())]
             sandbox.private_mounts(spec["tmp_size"], uid, gid, keep=needed)
         else:
             sandbox.child_subreaper()
+        # ... and a function that declared its dependencies imports those, the standard
+        # library and hourai: nothing else of the daemon's environment
+        if packages is not None:
+            importpath.isolate(packages)
         # 6. limits, then privileges (the library path first: after setuid we could not
         # open it any more)
         sandbox.set_rlimits(spec.get("rlimits", {}))
@@ -238,6 +244,8 @@ class RootZygote:
         os.environ.update(spec.get("env", {}))
         if spec.get("cwd"):
             os.chdir(spec["cwd"])
+        if packages:
+            importpath.process_pth(packages)  # may run the packages' code: as the tenant
 
 
 # --------------------------------------------------------------------------- snapshot

@@ -39,9 +39,9 @@ GOALS = {"warm_added_p50_ms": 0.150, "spare_p50_ms": 0.5, "fork_p50_ms": 2.0, "f
 class BenchServer:
     """`python -m bench.server` as a child; stopped by closing its stdin, then by pid."""
 
-    def __init__(self, target: Path, *args: str) -> None:
+    def __init__(self, target: Path, *args: str, python: str = sys.executable) -> None:
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "bench.server", str(target), *args],
+            [python, "-m", "bench.server", str(target), *args],
             cwd=REPO,
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,

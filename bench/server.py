@@ -49,7 +49,7 @@ def _json(status: int, doc: object) -> Response:
 
 
 async def main(args: argparse.Namespace) -> None:
-    runtime = Runtime(RuntimeSettings(preloads=args.preload))
+    runtime = Runtime(RuntimeSettings(preloads=args.preload, immortalize=not args.mortal))
     await runtime.start()
     limits = FunctionLimits(
         spares=args.spares,
@@ -135,6 +135,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--preload", action="append", default=[])
     parser.add_argument("--timeout", type=float, default=30.0)
     parser.add_argument("--profile", metavar="FILE", help="cProfile the daemon, stats to FILE")
+    parser.add_argument("--mortal", action="store_true", help="no immortal objects (3.12+)")
     parser.add_argument(
         "--also",
         action="append",

@@ -8,6 +8,7 @@ import contextlib
 import logging
 import re
 import signal
+import socket
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -81,6 +82,11 @@ def add_run_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[typ
         help="a .py file or directory, with :ATTR or Lambda-style file.function",
     )
     p.add_argument("--kind", choices=["handler", "asgi", "wsgi"], help="default: detected")
+    p.add_argument(
+        "--factory",
+        action="store_true",
+        help="ATTR is an application factory (default create_app), called once in the snapshot",
+    )
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8080, help="port (default 8080; 0 picks a free one)")
     p.add_argument(
@@ -109,6 +115,21 @@ def add_run_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[typ
         default=[],
         metavar="MOD",
         help="module the root zygote imports once, e.g. flask (repeatable)",
+    )
+    p.add_argument(
+        "--index-url",
+        metavar="URL",
+        help="package index for the function's requirements.txt (default: uv's)",
+    )
+    p.add_argument(
+        "--find-links",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="directory or page of wheels for the requirements (repeatable)",
+    )
+    p.add_argument(
+        "--no-index", action="store_true", help="install requirements from --find-links only"
     )
     p.add_argument(
         "--keep-alive",
@@ -196,7 +217,7 @@ def add_run_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[typ
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from hourai.isolate.loader import TargetError, resolve_target
+    from hourai.isolate.loader import TargetError, as_factory, resolve_target
     from hourai.scheduler.core import FunctionLimits
 
     setup_logging(args.verbose)
@@ -215,6 +236,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         target = resolve_target(args.target)
     except TargetError as exc:
         raise UsageError(str(exc)) from None
+    if args.factory:
+        target = as_factory(target)
     env: dict[str, str] = {}
     for path in args.env_file:
         env.update(read_env_file(path))
@@ -263,7 +286,10 @@ def parse_resources(args: argparse.Namespace) -> TenantLimits | None:
 
 def function_name(target: Target) -> str:
     """A URL- and cgroup-safe name from the file the user named."""
-    stem = Path(target.file or target.source).stem if target.attr is None else target.attr
+    from hourai.isolate.loader import split_call
+
+    attr = split_call(target.attr)[0] if target.attr else None
+    stem = Path(target.file or target.source).stem if attr is None else attr
     name = re.sub(r"[^a-z0-9-]+", "-", stem.lower()).strip("-")[:63].strip("-")
     return name or "fn"
 
@@ -274,10 +300,31 @@ async def serve_one(  # type: ignore[no-untyped-def]
     from hourai.codestore import CodeStoreError
     from hourai.daemon import DeployError, Router, Runtime, RuntimeSettings, http_handler
     from hourai.ingress import serve
+    from hourai.packages import PackageError
+    from hourai.packages.installer import IndexSettings
+    from hourai.packages.requirements import declared
     from hourai.registry import build_spec
 
-    runtime = Runtime(RuntimeSettings(preloads=args.preload))
+    # uv's own cache (in the user's home) outlives this run: the next one installs from it.
+    index = IndexSettings(
+        index_url=args.index_url, find_links=tuple(args.find_links), no_index=args.no_index
+    )
+    runtime = Runtime(RuntimeSettings(preloads=args.preload, packages=index))
     name = function_name(target)
+    resolved: dict[str, list[str] | None] = {}
+
+    def packages() -> list[str] | None:
+        """The function's packages, resolved again only when what it declares changes
+        (the reload loop asks twice a second)."""
+        wanted = declared(Path(target.root))
+        key = repr(wanted)
+        if key not in resolved:
+            got = None if wanted is None else runtime.packages.provide(wanted)
+            if got is not None:
+                runtime.packages.release(got)  # a private store: nothing collects it
+            resolved.clear()
+            resolved[key] = got
+        return resolved[key]
 
     def make_spec():  # type: ignore[no-untyped-def]
         return build_spec(
@@ -289,17 +336,17 @@ async def serve_one(  # type: ignore[no-untyped-def]
             env=env,
             limits=limits,
             resources=resources,
+            packages=packages(),
         )
 
     try:
-        server = await serve(
-            http_handler(runtime, Router(runtime.functions, single=name)), args.host, args.port
-        )
+        sock = _bind(args.host, args.port)
     except OSError as exc:
         raise UsageError(
             f"cannot listen on {args.host}:{args.port}: {exc.strerror}"
             " (is another server there? pick another with --port)"
         ) from None
+    server = None
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -319,9 +366,16 @@ async def serve_one(  # type: ignore[no-untyped-def]
         try:
             spec = make_spec()
             info = await runtime.deploy(spec)
+        except PackageError as exc:
+            print(f"hourai: error: the requirements cannot be installed: {exc}", file=sys.stderr)
+            return 1
         except (DeployError, CodeStoreError, ValueError) as exc:
             print(f"hourai: error: {exc}", file=sys.stderr)
             return 1
+        # Listening only now, as uvicorn does after startup: until the function is
+        # ready a connection is refused (curl --retry-connrefused waits), not given 503.
+        handler = http_handler(runtime, Router(runtime.functions, single=name))
+        server = await serve(handler, args.host, args.port, sock=sock)
         host, port = server.sockets[0].getsockname()[:2]
         limits_note = f", tenant {spec.tenant}: {resources.describe()}" if resources else ""
         print(
@@ -340,20 +394,39 @@ async def serve_one(  # type: ignore[no-untyped-def]
                 await watcher
         return 0
     finally:
-        server.close()
+        if server is not None:
+            server.close()
+        sock.close()
         await runtime.stop()
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    """A socket bound to ``host:port`` but not listening yet: a port in use is said at
+    once, before the function is built, and nothing can connect before it is ready."""
+    family, kind, proto, _, address = socket.getaddrinfo(
+        host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+    except OSError:
+        sock.close()
+        raise
+    return sock
 
 
 async def _reload_loop(runtime, make_spec, version: str) -> None:  # type: ignore[no-untyped-def]
     """Poll the code tree; a new version is built beside the old one and only then switched."""
     from hourai.codestore import CodeStoreError
     from hourai.daemon import DeployError
+    from hourai.packages import PackageError
 
     while True:
         await asyncio.sleep(0.5)
         try:
             spec = make_spec()
-        except (OSError, CodeStoreError) as exc:
+        except (OSError, CodeStoreError, PackageError) as exc:
             print(f"hourai: reload skipped: {exc}", file=sys.stderr, flush=True)
             continue
         if spec.version == version:

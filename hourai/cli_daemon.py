@@ -70,6 +70,11 @@ def add_daemon_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore
         "--entry", metavar="ATTR", help="attribute to call (for a directory: MODULE[:ATTR])"
     )
     p.add_argument("--kind", choices=["handler", "asgi", "wsgi"], help="default: detected")
+    p.add_argument(
+        "--factory",
+        action="store_true",
+        help="ATTR is an application factory (default create_app), called once in the snapshot",
+    )
     p.add_argument("--tenant", help="the tenant it runs as (default: [defaults] tenant)")
     p.add_argument("--memory", metavar="SIZE", help="the tenant's memory limit, e.g. 256M")
     p.add_argument("--cpu", metavar="CORES", help="the tenant's CPU quota, e.g. 0.5")
@@ -89,6 +94,7 @@ def add_daemon_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore
     p.add_argument("--max-inflight", type=int, metavar="N", help="concurrent invocations")
     p.add_argument("--max-requests", type=int, metavar="N", help="recycle after N invocations")
     p.add_argument("--worker-memory", metavar="SIZE", help="recycle a worker above SIZE")
+    p.add_argument("--tmp-size", metavar="SIZE", help="the function's private /tmp (512M)")
     p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--env-file", action="append", default=[], metavar="FILE")
     p.add_argument(
@@ -124,7 +130,11 @@ def add_daemon_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore
     p.add_argument("name", metavar="NAME")
     p.add_argument("stdin", nargs="?", choices=["-"], help="read the body from stdin")
     p.add_argument("--data", metavar="JSON", help="the request body")
-    p.add_argument("--event", metavar="FILE", help="an API Gateway 2.0 event ('-': stdin)")
+    p.add_argument(
+        "--event",
+        metavar="FILE",
+        help="invoke directly with this JSON event, as Lambda's Invoke API does ('-': stdin)",
+    )
     p.add_argument("--path", default="/", help="request path (default /)")
     p.add_argument("--method", help="default: POST with a body, else GET")
     p.add_argument(
@@ -256,6 +266,8 @@ def cmd_deploy(args: argparse.Namespace) -> int:
         "max_inflight": args.max_inflight,
         "max_requests": args.max_requests,
         "worker_memory": args.worker_memory,
+        "tmp_size": args.tmp_size,
+        "factory": True if args.factory else None,
         "env": env or None,
         "schedule": args.schedule,
         "async_retries": args.async_retries,
@@ -287,6 +299,9 @@ def cmd_deploy(args: argparse.Namespace) -> int:
             f"  {detected} from {doc['source']}, tenant {doc['tenant']}{limits}{warm}; "
             f"snapshot built in {doc['init_ms']:.0f} ms"
         )
+        if doc.get("packages") is not None:
+            names = ", ".join(n.rsplit("-", 1)[0] for n in doc["packages"]) or "none"
+            print(f"  packages: {names} (resolved in {doc.get('packages_ms', 0):.0f} ms)")
 
     return _run(args, call)
 
@@ -448,13 +463,15 @@ def cmd_invoke(args: argparse.Namespace) -> int:
     if headers:
         request["headers"] = headers
     if args.event is not None:
+        # A direct invocation: the event goes to the function exactly as written.
         try:
             text = sys.stdin.read() if args.event == "-" else Path(args.event).read_text()
-            request["event"] = json.loads(text)
+            json.loads(text)
         except OSError as exc:
             raise UsageError(f"cannot read {args.event}: {exc.strerror}") from None
         except ValueError as exc:
             raise UsageError(f"{args.event} is not JSON: {exc}") from None
+        request = {"event_json": text}
     elif args.data is not None:
         request["body"] = args.data
     elif args.stdin:
@@ -481,7 +498,18 @@ def cmd_invoke(args: argparse.Namespace) -> int:
                 body = doc.get("body", "")
                 sys.stdout.write(body if body.endswith("\n") or not body else body + "\n")
             sys.stdout.flush()
-        if doc["status"] >= 400:
+        if doc.get("function_error"):
+            try:
+                error = json.loads(doc.get("body") or "{}")
+            except ValueError:
+                error = {}
+            print(
+                f"hourai: {args.name} raised {error.get('errorType', 'an error')}: "
+                f"{error.get('errorMessage', '')} (what it printed: hourai logs {args.name})",
+                file=sys.stderr,
+            )
+            status = EXIT_REFUSED
+        elif doc["status"] >= 400:
             print(f"hourai: {args.name} answered {doc['status']}", file=sys.stderr)
             status = EXIT_REFUSED
 

@@ -220,6 +220,7 @@ FUNCTION_OPTIONS: dict[str, Option] = {
 # What a deploy may say beyond the limits (in hourai.toml, flags and the API).
 DEPLOY_KEYS: dict[str, Callable[[Any], Any]] = {
     "entry": _str,
+    "factory": _bool,
     "kind": _choice(*KINDS),
     "tenant": _tenant,
     "env": _env,
@@ -422,6 +423,17 @@ class LogConfig:
 
 
 @dataclass(frozen=True)
+class PackagesConfig:
+    """Where functions' declared dependencies come from (see hourai.packages)."""
+
+    index_url: str | None = None  # None: uv's own default (its config, UV_INDEX_URL, PyPI)
+    extra_index_urls: tuple[str, ...] = ()
+    find_links: tuple[str, ...] = ()
+    no_index: bool = False
+    cache_dir: Path | None = None  # None: <state_dir>/packages/cache
+
+
+@dataclass(frozen=True)
 class Config:
     listen: tuple[Address, ...] = (Address("127.0.0.1", 8080),)
     domain: str | None = None
@@ -429,6 +441,7 @@ class Config:
     socket: Path | None = None  # None: <state_dir>/control.sock
     socket_group: str = ""
     metrics_listen: Address | None = None
+    lambda_listen: Address | None = None
     cgroup_backend: str = "auto"
     cgroup_subtree: str = "hourai"
     uid_range: tuple[int, int] = DEFAULT_UID_RANGE
@@ -441,6 +454,7 @@ class Config:
     ready_timeout: float = 300.0
     keep_versions: int = 10
     log: LogConfig = field(default_factory=LogConfig)
+    packages: PackagesConfig = field(default_factory=PackagesConfig)
     defaults: Mapping[str, Any] = field(default_factory=dict)
     # Tenants' cgroup limits: every tenant's unless said otherwise, and per tenant.
     tenant_defaults: TenantLimits = DEFAULT_TENANT_LIMITS
@@ -474,6 +488,7 @@ TOP_KEYS: dict[str, tuple[Callable[[Any], Any], str]] = {
     "socket": (_path, "control API socket"),
     "socket_group": (_group, "group allowed to use the control socket"),
     "metrics_listen": (_optional_address, "extra TCP address serving /metrics and /healthz"),
+    "lambda_listen": (_optional_address, "TCP address serving the Lambda Invoke API"),
     "cgroup_backend": (_choice("auto", "v2", "v1", "none"), "cgroup backend"),
     "cgroup_subtree": (_subtree, "directory under the daemon's cgroup that holds tenant groups"),
     "uid_range": (_uid_range, "uids given to tenants when running as root"),
@@ -492,6 +507,25 @@ LOG_KEYS: dict[str, tuple[Callable[[Any], Any], str]] = {
     "access": (_bool, "one log line per request"),
     "function_max_size": (_size, "size at which a function's log file is rotated"),
     "function_files": (_int(1), "rotated log files kept per function"),
+}
+
+
+def _strings(value: Any) -> tuple[str, ...]:
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list) or not all(isinstance(v, str) and v.strip() for v in items):
+        raise ValueError(f"must be a list of strings, got {value!r}")
+    return tuple(v.strip() for v in items)
+
+
+PACKAGES_KEYS: dict[str, tuple[Callable[[Any], Any], str]] = {
+    "index_url": (
+        _optional(lambda v: _str(v).strip()),
+        "package index functions' requirements are resolved from",
+    ),
+    "extra_index_urls": (_strings, "more indexes to resolve from"),
+    "find_links": (_strings, "directories or pages of wheels to resolve from (an offline host's)"),
+    "no_index": (_bool, "use find_links only, never an index"),
+    "cache_dir": (_path, "uv's download and build cache"),
 }
 
 
@@ -517,6 +551,8 @@ def parse_config(data: Mapping[str, Any], source: str = "config") -> Config:
                     raise ConfigError(f"{source}: [tenants.{name}]: {exc}") from None
                 tenants[str(name)] = _parse_tenant_limits(table, f"{source}: [tenants.{name}]")
             values["tenants"] = tenants
+        elif key == "packages":
+            values["packages"] = _parse_packages(raw, source)
         elif key == "defaults":
             if not isinstance(raw, Mapping):
                 raise ConfigError(f"{source}: [defaults] must be a table")
@@ -535,7 +571,8 @@ def parse_config(data: Mapping[str, Any], source: str = "config") -> Config:
             if value is not None:
                 values[key] = value
         else:
-            known = ", ".join([*TOP_KEYS, "[log]", "[defaults]", "[tenant_defaults]", "[tenants]"])
+            tables = ["[log]", "[packages]", "[defaults]", "[tenant_defaults]", "[tenants]"]
+            known = ", ".join([*TOP_KEYS, *tables])
             raise ConfigError(f"{source}: unknown key {key!r} (known: {known})")
     config = Config(**values)
     check_socket_path(config.socket_path, source)
@@ -598,6 +635,25 @@ def _parse_log(raw: Any, source: str) -> LogConfig:
     return LogConfig(**values)
 
 
+def _parse_packages(raw: Any, source: str) -> PackagesConfig:
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{source}: [packages] must be a table")
+    values = {}
+    for key, value in raw.items():
+        if key not in PACKAGES_KEYS:
+            raise ConfigError(
+                f"{source}: [packages]: unknown key {key!r} (known: {', '.join(PACKAGES_KEYS)})"
+            )
+        try:
+            values[key] = PACKAGES_KEYS[key][0](value)
+        except ValueError as exc:
+            raise ConfigError(f"{source}: [packages] {key}: {exc}") from None
+    config = PackagesConfig(**values)
+    if config.no_index and not config.find_links:
+        raise ConfigError(f"{source}: [packages] no_index needs find_links to install from")
+    return config
+
+
 def load_config(
     path: Path | None,
     *,
@@ -643,6 +699,7 @@ def restart_only_changes(old: Config, new: Config) -> list[str]:
         "socket",
         "socket_group",
         "metrics_listen",
+        "lambda_listen",
         "cgroup_backend",
         "cgroup_subtree",
         "uid_range",

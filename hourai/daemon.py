@@ -38,6 +38,8 @@ from hourai.codestore import CodeStore
 from hourai.ingress import Request, Response, error_response
 from hourai.invocations.runner import InvokeEvent, Outcome
 from hourai.isolate import sandbox
+from hourai.packages.installer import IndexSettings, Installer
+from hourai.packages.store import PackageStore
 from hourai.registry import FunctionSpec, default_env
 from hourai.resources import ResourceManager
 from hourai.scheduler.core import (
@@ -121,9 +123,14 @@ class RuntimeSettings:
     tenant_config: dict[str, dict[str, Any]] = field(default_factory=dict)  # field -> value
     separate_uids: bool | None = None  # None: when running as root
     worker_nofile: int = 1024
+    # Python 3.12+: make the zygotes' and snapshots' objects immortal before they fork, so
+    # workers reading them copy no pages (hourai.snapshot.immortal); off only to measure it.
+    immortalize: bool = True
     # The adaptive resource policy (snapshot keep-alive, pre-warm, eviction, admission,
     # tenant limit sizing); None: snapshots stay until removed.
     policy: PolicyParams | None = field(default_factory=PolicyParams)
+    # Where functions' declared packages come from ([packages] in the config).
+    packages: IndexSettings = field(default_factory=IndexSettings)
 
 
 @dataclass(eq=False)
@@ -143,6 +150,7 @@ class Pending:
     start: str = "-"
     wid: int | None = None
     timeout: float | None = None  # its own invocation timeout (async); None: the function's
+    event: bytes | None = None  # a direct invocation's event (JSON), instead of HTTP
 
 
 @dataclass(eq=False)
@@ -217,6 +225,7 @@ class Runtime:
         self.codestore = CodeStore(
             self.state_dir / "code", group_of=lambda tenant: self.tenants.get(tenant).gid
         )
+        self.packages = PackageStore(self.state_dir / "packages", Installer(self.settings.packages))
         self.tenant_limits: dict[str, TenantLimits] = {}
         self.subtree_claim: SubtreeClaim | None = None
         self.resources = (
@@ -331,7 +340,10 @@ class Runtime:
 
     def _new_zygote(self) -> RootZygote:
         zygote = RootZygote(
-            self.loop, preloads=self.settings.preloads, output_sink=self._function_output
+            self.loop,
+            preloads=self.settings.preloads,
+            output_sink=self._function_output,
+            immortalize=self.settings.immortalize,
         )
         zygote.on_lost = self._zygote_lost
         return zygote
@@ -593,16 +605,39 @@ class Runtime:
             "kind": spec.kind,
             "env": env,
             "cwd": spec.target.root,
+            "source_root": spec.source_root,
             "uid": tenant.uid,
             "gid": tenant.gid,
             "cgroup_procs": self.cgroups.procs_files(spec.tenant),
             "rlimits": {"core": 0, "nofile": self.settings.worker_nofile},
             "concurrency": spec.limits.concurrency,
             "sandbox": sandboxed,
+            "immortalize": self.settings.immortalize,
             "tmp_size": spec.limits.tmp_size,
+            "packages": None
+            if spec.packages is None
+            else [str(self.packages.path(name)) for name in spec.packages],
         }
 
     # ------------------------------------------------------------------ requests
+
+    async def invoke_event(self, spec: FunctionSpec, event: bytes) -> Response:
+        """A direct invocation (Lambda's Invoke API): ``event`` is JSON, given to a handler
+        exactly as it is; the answer's body is the function's JSON payload, and a function
+        error is flagged with ``x-amz-function-error`` (see hourai.isolate.direct)."""
+        request = Request(
+            "POST",
+            "/",
+            "/",
+            "",
+            [("content-type", "application/json"), ("host", "localhost")],
+            event,
+            "1.1",
+            ("127.0.0.1", 0),
+            ("", 0),
+            False,
+        )
+        return await self.invoke(spec, request, "", "/", event=event)
 
     async def invoke(
         self,
@@ -611,12 +646,15 @@ class Runtime:
         root_path: str,
         path: str,
         timeout: float | None = None,
+        *,
+        event: bytes | None = None,
     ) -> Response:
         rid = next(self._rids)
         pending = Pending(
             rid, spec, request, root_path, path, self.loop.create_future(), self.loop.time()
         )
         pending.timeout = timeout
+        pending.event = event
         if self.resources is not None:
             now = self.loop.time()
             if (spec.name, spec.version) not in self.versions:
@@ -689,6 +727,7 @@ class Runtime:
                 "request_id": f"{pending.rid:x}-{worker.pid}",
                 "function": spec.name,
                 "deadline_ms": int(max(remaining, 0) * 1000),
+                **({} if pending.event is None else {"event": pending.event}),
             }
         )
 
@@ -770,16 +809,22 @@ class Runtime:
         reason = self.death_reason(worker)
         log.warning("%s#%d %s", worker.function, worker.pid, reason)
         self._forget_worker(worker)
-        self._apply(self.scheduler.worker_died(worker.wid, reason))
+        # An OOM kill is the invocation's doing, not a function that cannot start.
+        oom = self._oom_killed(worker)
+        self._apply(self.scheduler.worker_died(worker.wid, reason, oom=oom))
 
-    def death_reason(self, worker: WorkerProc) -> str:
+    def _oom_killed(self, worker: WorkerProc) -> bool:
         spec = self.functions.get(worker.function)
-        if (
+        return (
             spec is not None
             and worker.exit is not None
             and worker.exit.signal == signal.SIGKILL
             and self.cgroups.oom_killed_since(spec.tenant, worker.oom_mark)
-        ):
+        )
+
+    def death_reason(self, worker: WorkerProc) -> str:
+        spec = self.functions.get(worker.function)
+        if spec is not None and self._oom_killed(worker):
             limit = self.effective_tenant_limits(spec.tenant).memory_max
             what = f"{format_size(limit)} memory limit" if limit else "memory limit"
             return (

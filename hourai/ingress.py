@@ -27,8 +27,8 @@ a bytes body -> 500 "internal error", logged with its traceback.
 
 The head limit counts the request target, header names and values plus their framing.
 httptools buffers a header line until it ends, out of our sight, so a line that never
-ends is caught by counting whole reads instead: it is cut off within one read (at most
-256 KiB) of the limit.
+ends is caught by counting whole reads instead (a long read in 4 KiB steps): it is cut
+off within 4 KiB of the limit.
 
 A missing ``Host`` is accepted (routing is by path, and hand-written clients omit
 it); two ``Host`` headers or a ``Host`` with characters outside RFC 3986 authority
@@ -36,9 +36,21 @@ syntax are rejected with 400, since those are how proxies and functions get
 disagreeing ideas of the target. An absolute-form target (RFC 7230 5.3.2) is served by
 its path, and its authority replaces ``Host`` (RFC 7230 5.4).
 
-An EOF from the client is taken as a disconnect: the connection is closed and any
-handler still running for it is cancelled, as uvicorn and nginx do. A half-closing
-client therefore gets no answer.
+A request with ``Upgrade`` (with or without ``Connection: upgrade``) is answered as
+plain HTTP and is the connection's last: a proxy in front may take the upgrade for
+granted and relay what follows as an opaque stream, which must never become requests.
+
+Output and input are bounded per connection. At most ``max_pipeline`` handlers have an
+answer not yet written; none start while the transport is above its high-water mark,
+and then reading pauses too. A client that takes none of its pending output for
+``write_timeout`` seconds is dropped (one reading slowly is not). Parsing stops once
+``max_pipeline`` requests are queued; the rest of a read waits as bytes.
+
+An EOF ends the client's input, not its interest: a client that half-closes after its
+requests (``shutdown(SHUT_WR)``) gets the answer to every request it completed, then the
+connection closes; a request it left incomplete gets none. A FIN cannot tell a
+half-close from a client gone away, so handlers run to their end either way (the
+scheduler's timeouts bound them); a reset cancels them.
 """
 
 from __future__ import annotations
@@ -117,6 +129,8 @@ class Limits:
     header_timeout: float = 10.0
     body_timeout: float = 30.0
     keep_alive_timeout: float = 5.0
+    # A connection whose unsent output the client takes none of for this long is dropped.
+    write_timeout: float = 30.0
     max_pipeline: int = 32
     server_name: str = "hourai"
 
@@ -176,6 +190,15 @@ _STATUS_LINES: dict[int, bytes] = {code: _status_line(code) for code in range(20
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _NO_BODY_STATUSES = frozenset((204, 304))
 _LARGE_BODY = 64 * 1024  # above this, head and body go out as two writes (no copy)
+# A read holds up to 256 KiB, thousands of tiny pipelined requests (4.5 MB of Request
+# objects measured). Longer reads are parsed this much at a time, so parsing can stop
+# once max_pipeline requests wait: the rest stays as bytes until the queue drains.
+_FEED_STEP = 4096
+# Unsent bytes the kernel may hold for a connection before send() says EAGAIN. Without
+# it the send buffer autotunes to 4 MiB (tcp_wmem), all of it filled with answers for a
+# client that reads none, so the transport never saw a backlog and nothing paused.
+# Bytes in flight do not count, so a fast path over a long link keeps its throughput.
+_NOTSENT_LOWAT = 128 * 1024
 _LINGER = 2.0  # seconds to drain input after a final response, so our FIN is not an RST
 _CACHE_MAX = 4096  # bound for the caches keyed by handler-chosen strings
 
@@ -308,21 +331,31 @@ class _Abort(Exception):
 class _Exchange:
     """One request/response pair, queued in arrival order."""
 
-    __slots__ = ("expect_continue", "head_only", "keep_alive", "request", "response", "task")
+    __slots__ = (
+        "expect_continue",
+        "head_only",
+        "keep_alive",
+        "request",
+        "response",
+        "started",
+        "task",
+    )
 
     def __init__(self, request: Request | None, keep_alive: bool, head_only: bool) -> None:
         self.request = request
         self.keep_alive = keep_alive
         self.head_only = head_only
         self.expect_continue = False
+        self.started = False
         self.task: asyncio.Future[Response] | None = None
         self.response: Response | None = None
 
 
 # Which client deadline the connection's single timer is enforcing.
-# _IDLE, _LINGERING and _SENDING are about our writes as much as the client's reads:
-# while the client is still taking response bytes, they are extended, not enforced.
-_NO_DEADLINE, _IDLE, _HEAD, _BODY, _LINGERING, _SENDING = 0, 1, 2, 3, 4, 5
+# _IDLE and _LINGERING are about our writes as much as the client's reads: while the
+# client is still taking response bytes, they are extended, not enforced. A stalled
+# write has a timer of its own, since it overlaps every other state of the connection.
+_NO_DEADLINE, _IDLE, _HEAD, _BODY, _LINGERING = 0, 1, 2, 3, 4
 
 
 class HttpProtocol(asyncio.Protocol):
@@ -342,7 +375,10 @@ class HttpProtocol(asyncio.Protocol):
         "_current",
         "_deadline",
         "_deadline_kind",
+        "_eof",
         "_expect",
+        "_feeding",
+        "_flushing",
         "_handler",
         "_head_size",
         "_headers",
@@ -363,9 +399,13 @@ class HttpProtocol(asyncio.Protocol):
         "_timer",
         "_timer_when",
         "_transport",
+        "_unparsed",
+        "_upgrade",
         "_url",
         "_waiting",
+        "_write_mark",
         "_write_paused",
+        "_write_timer",
         "client",
         "server",
     )
@@ -391,13 +431,19 @@ class HttpProtocol(asyncio.Protocol):
         self.server: tuple[str, int] = ("", 0)
         self._queue: deque[_Exchange] = deque()
         self._waiting: deque[_Exchange] = deque()  # parsed, handler not started yet
-        self._active = 0
+        self._active = 0  # handlers started whose answer is not written yet
+        self._unparsed = b""  # input read but not parsed while the queue is full
+        self._feeding = False
+        self._flushing = False
+        self._eof = False  # the client sent all it will send
         self._current: _Exchange | None = None  # head parsed, body still arriving
         self._abort: tuple[int, str] | None = None
         self._closed = False  # transport closed or closing: write nothing more
         self._stopped = False  # read no more requests
         self._read_paused = False
         self._write_paused = False
+        self._write_timer: asyncio.TimerHandle | None = None
+        self._write_mark = 0
         self._timer: asyncio.TimerHandle | None = None
         self._timer_when = 0.0
         self._deadline = 0.0
@@ -424,6 +470,7 @@ class HttpProtocol(asyncio.Protocol):
         self._chunked = False
         self._expect: str | None = None
         self._hosts = 0
+        self._upgrade = False
         self._body: list[bytes] | None = None
         self._body_size = 0
 
@@ -436,6 +483,10 @@ class HttpProtocol(asyncio.Protocol):
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            lowat = getattr(socket, "TCP_NOTSENT_LOWAT", None)
+            if lowat is not None:
+                with contextlib.suppress(OSError):
+                    sock.setsockopt(socket.IPPROTO_TCP, lowat, _NOTSENT_LOWAT)
         peer = transport.get_extra_info("peername")
         if isinstance(peer, tuple):
             self.client = (peer[0], peer[1])
@@ -453,37 +504,82 @@ class HttpProtocol(asyncio.Protocol):
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        if self._write_timer is not None:
+            self._write_timer.cancel()
+            self._write_timer = None
         for ex in self._queue:
             if ex.task is not None and not ex.task.done():
                 ex.task.cancel()
         self._queue.clear()
         self._waiting.clear()
+        self._unparsed = b""
         self._current = None
         if self._connections is not None:
             self._connections.discard(self)
 
     def eof_received(self) -> bool:
-        # Returning False lets the transport close; connection_lost cancels handlers.
-        return False
+        # A half-closed client (shutdown(SHUT_WR) after its requests) still reads:
+        # keep the write side open until every request it completed is answered.
+        # A FIN looks the same whether the client half-closed or went away, so handlers
+        # run to their end either way; an RST still cancels them (connection_lost).
+        if self._eof:
+            return not self._closed
+        self._eof = True
+        if self._closed or (self._stopped and not self._queue):
+            return False
+        if not self._unparsed:
+            self._end_of_input()
+        return not self._closed
 
     def data_received(self, data: bytes) -> None:
-        while not self._stopped:
-            self._began = False
-            try:
-                self._parser.feed_data(data)
-            except httptools.HttpParserUpgrade as exc:
-                # The upgrade request was served as plain HTTP; httptools stopped at
-                # its end, so a fresh parser takes the rest of the stream.
-                data = data[exc.args[0] :]
-                self._parser = self._new_parser()
-                if data:
-                    continue
-                return
-            except httptools.HttpParserError as exc:
-                self._parse_error(exc)
-                return
-            break
-        else:
+        if self._unparsed:  # a read that raced pause_reading: keep the order
+            self._unparsed += data
+            return
+        self._feed(data)
+
+    def _feed(self, data: bytes) -> None:
+        """Parse ``data``, stopping once max_pipeline requests are queued (see _FEED_STEP)."""
+        if self._stopped:
+            return
+        self._feeding = True
+        try:
+            if len(data) <= _FEED_STEP:
+                self._feed_slice(data)
+            else:
+                view = memoryview(data)
+                pos, end, limit = 0, len(data), self._limits.max_pipeline
+                while pos < end and not self._stopped:
+                    if len(self._queue) >= limit:
+                        self._unparsed = bytes(view[pos:])
+                        break
+                    step = _FEED_STEP
+                    if self._in_message and not self._in_head and not self._chunked:
+                        # A body of known length goes in whole: nothing to stop for in it.
+                        step = max(step, self._content_length - self._body_size)
+                    self._feed_slice(view[pos : pos + step])
+                    pos += step
+        finally:
+            self._feeding = False
+        if self._stopped:
+            self._unparsed = b""
+            return
+        if self._unparsed:
+            self._update_reading()
+        if self._read_paused and self._deadline_kind in (_HEAD, _BODY):
+            # The rest of this message waits on us, not on the client.
+            self._deadline_kind = _NO_DEADLINE
+
+    def _feed_slice(self, data: bytes | memoryview) -> None:
+        self._began = False
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            # llhttp stops after a request asking for an upgrade; it was answered as
+            # plain HTTP and ends the connection (on_headers_complete), so whatever
+            # follows, meant for the other protocol, is never read as HTTP.
+            return
+        except httptools.HttpParserError as exc:
+            self._parse_error(exc)
             return
         if self._in_message:
             if not self._began:
@@ -502,17 +598,18 @@ class HttpProtocol(asyncio.Protocol):
                 self._maybe_continue()
 
     def pause_writing(self) -> None:
+        # Answers pile up: read and start nothing more until the client takes them,
+        # and drop a client that takes none (its output would be held forever).
         self._write_paused = True
         self._update_reading()
-        # Responses now wait for the client to read; one that stops reading
-        # altogether must not hold them (and their handlers' memory) forever.
-        if self._deadline_kind in (_NO_DEADLINE, _IDLE) and not self._closed:
-            self._set_deadline(_SENDING, self._limits.body_timeout)
+        self._watch_writes()
 
     def resume_writing(self) -> None:
         self._write_paused = False
-        if self._deadline_kind == _SENDING:
-            self._deadline_kind = _NO_DEADLINE
+        if self._write_timer is not None and not self._closed:
+            self._write_timer.cancel()
+            self._write_timer = None
+        self._start_waiting()
         self._flush()
 
     # -- httptools callbacks ---------------------------------------------------------
@@ -522,6 +619,10 @@ class HttpProtocol(asyncio.Protocol):
         raise _Abort
 
     def on_message_begin(self) -> None:
+        if self._stopped:
+            # Bytes after the connection's last request (llhttp cannot know that a
+            # request with Upgrade ends it): stop the parser, _parse_error ignores it.
+            raise _Abort
         self._in_message = True
         self._in_head = True
         self._began = True
@@ -566,6 +667,8 @@ class HttpProtocol(asyncio.Protocol):
                 self._reject(400, "invalid Host header")
         elif key == "expect":
             self._expect = val
+        elif key == "upgrade":
+            self._upgrade = True
         self._headers.append((key, val))
 
     def on_headers_complete(self) -> None:
@@ -607,6 +710,11 @@ class HttpProtocol(asyncio.Protocol):
         keep_alive = parser.should_keep_alive()
         if self._chunked and version == "1.0":
             keep_alive = False  # RFC 9112 6.1: framing of a 1.0 message with TE is suspect
+        if self._upgrade:
+            # We upgrade to nothing, but a proxy in front may believe we did and relay
+            # the client's next bytes as an opaque stream: they must never be served
+            # as requests, so this one is the connection's last.
+            keep_alive = False
         request = Request(
             method,
             target,
@@ -683,10 +791,14 @@ class HttpProtocol(asyncio.Protocol):
             ex.request.body = body[0] if len(body) == 1 else b"".join(body)
         if not ex.keep_alive:
             self._stopped = True
-        # A single read can hold many small requests; start at most max_pipeline
-        # handlers per connection, the rest wait for a slot.
-        if self._active < self._limits.max_pipeline:
-            self._start(ex)
+        # At most max_pipeline handlers per connection have an answer not yet written,
+        # and none start while the client is not taking answers: the rest wait.
+        if self._active < self._limits.max_pipeline and not self._write_paused:
+            if self._waiting:
+                self._waiting.append(ex)
+                self._start_waiting()
+            else:
+                self._start(ex)
         else:
             self._waiting.append(ex)
         if len(self._queue) >= self._limits.max_pipeline:
@@ -694,9 +806,15 @@ class HttpProtocol(asyncio.Protocol):
 
     # -- handlers --------------------------------------------------------------------
 
+    def _start_waiting(self) -> None:
+        waiting = self._waiting
+        while waiting and self._active < self._limits.max_pipeline and not self._write_paused:
+            self._start(waiting.popleft())
+
     def _start(self, ex: _Exchange) -> None:
         assert ex.request is not None
         self._active += 1
+        ex.started = True
         try:
             awaitable = self._handler(ex.request)
             if asyncio.iscoroutine(awaitable):
@@ -705,7 +823,6 @@ class HttpProtocol(asyncio.Protocol):
                 task = asyncio.ensure_future(awaitable, loop=self._loop)
         except Exception:
             logger.exception("handler failed to start")
-            self._active -= 1
             ex.response = error_response(500, "internal error")
             if self._queue and self._queue[0] is ex:
                 self._flush()
@@ -714,7 +831,6 @@ class HttpProtocol(asyncio.Protocol):
         task.add_done_callback(partial(self._handler_done, ex))
 
     def _handler_done(self, ex: _Exchange, task: asyncio.Future[Response]) -> None:
-        self._active -= 1
         if self._closed:
             # The client went away; only mark the outcome as retrieved.
             if not task.cancelled() and task.exception() is not None:
@@ -740,8 +856,6 @@ class HttpProtocol(asyncio.Protocol):
                 response = error_response(500, "internal error")
         ex.response = response
         ex.task = None
-        while self._waiting and self._active < self._limits.max_pipeline:
-            self._start(self._waiting.popleft())
         if self._queue and self._queue[0] is ex:
             self._flush()
 
@@ -749,16 +863,25 @@ class HttpProtocol(asyncio.Protocol):
 
     def _flush(self) -> None:
         """Write every finished response at the head of the queue, in request order."""
+        if self._flushing:
+            return  # re-entered from a handler that failed to start: the loop below sees it
+        self._flushing = True
         queue = self._queue
-        while queue and not self._write_paused and not self._closed:
-            ex = queue[0]
-            response = ex.response
-            if response is None:
-                break
-            queue.popleft()
-            if not self._send(ex, response):
-                self._close_after_response()
-                return
+        try:
+            while queue and not self._write_paused and not self._closed:
+                ex = queue[0]
+                response = ex.response
+                if response is None:
+                    break
+                queue.popleft()
+                if ex.started:
+                    self._active -= 1
+                if not self._send(ex, response):
+                    self._close_after_response()
+                    return
+                self._start_waiting()
+        finally:
+            self._flushing = False
         if self._closed:
             return
         if queue:
@@ -812,8 +935,12 @@ class HttpProtocol(asyncio.Protocol):
                 ex.task.cancel()
         self._queue.clear()
         self._waiting.clear()
+        self._unparsed = b""
         self._current = None
         transport = self._transport
+        if self._eof:
+            self._close()  # the client sends no more: nothing to linger for
+            return
         if self._read_paused:
             self._read_paused = False
             transport.resume_reading()
@@ -830,13 +957,56 @@ class HttpProtocol(asyncio.Protocol):
         if not self._closed:
             self._closed = True
             self._transport.close()
+            # close() waits for the output to drain, however long the client takes.
+            if self._transport.get_write_buffer_size():
+                self._watch_writes()
+
+    def _watch_writes(self) -> None:
+        """Drop the connection if the client takes none of its output for write_timeout."""
+        if self._write_timer is None:
+            self._write_mark = self._transport.get_write_buffer_size()
+            self._write_timer = self._loop.call_later(
+                self._limits.write_timeout, self._on_write_timer
+            )
+
+    def _on_write_timer(self) -> None:
+        self._write_timer = None
+        pending = self._transport.get_write_buffer_size()
+        if not pending or not (self._write_paused or self._closed):
+            return
+        if pending < self._write_mark:  # slow, but reading: a slow client is served
+            self._watch_writes()
+            return
+        logger.info(
+            "dropping connection from %s: it took none of %d bytes of answers for %g s",
+            self.client[0] or "unix socket",
+            pending,
+            self._limits.write_timeout,
+        )
+        self.abort()
 
     # -- flow control ----------------------------------------------------------------
 
     def _update_reading(self) -> None:
         if self._closed:
             return
-        pause = self._write_paused or len(self._queue) >= self._limits.max_pipeline
+        limit = self._limits.max_pipeline
+        if (
+            self._unparsed
+            and not self._feeding
+            and not self._write_paused
+            and len(self._queue) < limit
+        ):
+            data, self._unparsed = self._unparsed, b""
+            self._feed(data)
+            if self._closed:
+                return
+            if self._eof and not self._unparsed and not self._stopped:
+                self._end_of_input()
+                return
+        if self._eof:
+            return  # the transport reads no more; pausing or resuming would re-read the EOF
+        pause = self._write_paused or len(self._queue) >= limit or bool(self._unparsed)
         if pause == self._read_paused:
             return
         self._read_paused = pause
@@ -923,17 +1093,12 @@ class HttpProtocol(asyncio.Protocol):
             pending = self._transport.get_write_buffer_size()
             if pending and pending != self._last_buffer_size:
                 self._last_buffer_size = pending
-                if kind == _IDLE:
-                    timeout = self._limits.keep_alive_timeout
-                elif kind == _SENDING:
-                    timeout = self._limits.body_timeout
-                else:
-                    timeout = _LINGER
+                timeout = self._limits.keep_alive_timeout if kind == _IDLE else _LINGER
                 self._set_deadline(kind, timeout)
             elif pending:
                 self._closed = True
                 self._transport.abort()
-            elif kind != _SENDING:
+            else:
                 self._close()
 
     # -- lifecycle -------------------------------------------------------------------
@@ -948,9 +1113,14 @@ class HttpProtocol(asyncio.Protocol):
         """Take no more requests; answer those already received, then close."""
         if self._closed or self._stopped:
             return
+        self._end_of_input()
+
+    def _end_of_input(self) -> None:
+        """Read no more: answer the requests received whole, then close."""
         self._stopped = True
         self._in_message = False
         self._deadline_kind = _NO_DEADLINE
+        self._unparsed = b""
         current = self._current
         if current is not None:  # a request whose body never finished arriving
             self._current = None

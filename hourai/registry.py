@@ -37,9 +37,14 @@ class FunctionSpec:
     tenant: str = "default"
     env: dict[str, str] = field(default_factory=dict)
     limits: FunctionLimits = field(default_factory=FunctionLimits)
-    # The tenant's cgroup limits this deploy declares (memory, cpu, pids); the latest
-    # deploy of any of the tenant's functions sets them.
+    # The tenant's cgroup limits this deploy declares (memory, cpu, pids); they count
+    # with its other functions' (see Runtime.effective_tenant_limits).
     resources: TenantLimits | None = None
+    # Where the code was deployed from: tracebacks name these files, not the code store's.
+    source_root: str | None = None
+    # The package store's directories of the distributions the function declared (see
+    # hourai.packages); None: it declared none and imports from the daemon's environment.
+    packages: tuple[str, ...] | None = None
 
 
 def build_spec(
@@ -52,22 +57,24 @@ def build_spec(
     env: dict[str, str] | None = None,
     limits: FunctionLimits | None = None,
     resources: TenantLimits | None = None,
+    packages: list[str] | None = None,
 ) -> FunctionSpec:
     """Freeze the function's code into the store and name the version.
 
     The version is a hash of everything a snapshot is built from (code, entry point, kind,
-    environment, tenant), so an unchanged redeploy is recognised and any change that needs a
-    new snapshot gets a new version. Limits are not part of it: they change in place.
+    environment, tenant, resolved packages), so an unchanged redeploy is recognised and any
+    change that needs a new snapshot gets a new version. Limits are not part of it: they
+    change in place.
     """
     check_name(name)
     check_name(tenant, "tenant name")
     digest, stored = store.put(Path(target.root), tenant)
     stored_target = dataclasses.replace(target, root=str(stored))
     env = dict(env or {})
-    identity = json.dumps(
-        [digest, target.module, target.attr, kind, sorted(env.items()), tenant],
-        separators=(",", ":"),
-    )
+    fields: list[object] = [digest, target.module, target.attr, kind, sorted(env.items()), tenant]
+    if packages is not None:
+        fields.append(packages)
+    identity = json.dumps(fields, separators=(",", ":"))
     version = hashlib.sha256(identity.encode()).hexdigest()[:12]
     return FunctionSpec(
         name=name,
@@ -78,6 +85,8 @@ def build_spec(
         env=env,
         limits=limits or FunctionLimits(),
         resources=resources,
+        source_root=target.root,
+        packages=tuple(packages) if packages is not None else None,
     )
 
 

@@ -123,7 +123,7 @@ class ResourceManager:
         self.inflight.pop(function, None)
 
     def declare_tenant(self, tenant: str, limits: TenantLimits) -> None:
-        self.policy.declare_tenant(tenant, limits.memory_max)
+        self.policy.declare_tenant(tenant, limits.memory_max, limits.cpu_weight)
 
     def snapshot_built(self, function: str, rebuild_seconds: float, pid: int | None) -> None:
         self._costs.setdefault(function, {})["rebuild_s"] = rebuild_seconds

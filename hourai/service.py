@@ -32,6 +32,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from hourai import lambda_api
 from hourai.cgroup import CgroupError
 from hourai.codestore import CodeStoreError
 from hourai.config import (
@@ -55,9 +56,11 @@ from hourai.daemon import (
 from hourai.ingress import HttpProtocol, Request, serve
 from hourai.invocations.manager import Invocations
 from hourai.invocations.queue import QueueError
-from hourai.isolate.loader import Target, TargetError, resolve_target
+from hourai.isolate.loader import Target, TargetError, as_factory, resolve_target
 from hourai.logs import FunctionLogs, setup_daemon_logging
 from hourai.metrics import CONTENT_TYPE, Metrics
+from hourai.packages import PackageError
+from hourai.packages.installer import IndexSettings
 from hourai.registry import FunctionSpec, build_spec, check_name
 from hourai.scheduler.policy import PolicyParams
 from hourai.sdnotify import Notifier
@@ -104,6 +107,7 @@ class Daemon:
         self.servers: list[asyncio.base_events.Server] = []
         self.connections: set[HttpProtocol] = set()
         self.metrics_server: asyncio.base_events.Server | None = None
+        self.lambda_server: asyncio.base_events.Server | None = None
         self.control: ControlServer | None = None
         self.invocations: Invocations | None = None  # type: ignore[assignment]
 
@@ -169,6 +173,7 @@ class Daemon:
                     policy=PolicyParams(memory_budget_bytes=config.memory_budget)
                     if config.adaptive
                     else None,
+                    packages=_index_settings(config),
                 )
             )
         except (RuntimeError, CgroupError, OSError) as exc:
@@ -277,8 +282,9 @@ class Daemon:
             task.cancel()
         for server in self.servers:
             server.close()
-        if self.metrics_server is not None:
-            self.metrics_server.close()
+        for extra in (self.metrics_server, self.lambda_server):
+            if extra is not None:
+                extra.close()
         if self.invocations is not None:
             await self.invocations.stop()
         if self._runtime_started:
@@ -324,6 +330,18 @@ class Daemon:
             except OSError as exc:
                 raise StartError(f"cannot listen on {address}: {exc.strerror}") from None
             self.servers.append(server)
+        if self.config.lambda_listen is not None:
+            address = self.config.lambda_listen
+            invoke_api = lambda_api.handler(
+                self._lambda_lookup, self.runtime.invoke_event, self._enqueue_lambda
+            )
+            try:
+                self.lambda_server = await serve(invoke_api, address.host, address.port)
+            except OSError as exc:
+                raise StartError(
+                    f"cannot listen on {address} (Lambda API): {exc.strerror}"
+                ) from None
+            log.info("Lambda Invoke API at %s", _url(self.lambda_server).rstrip("/"))
         if self.config.metrics_listen is not None:
             address = self.config.metrics_listen
             try:
@@ -331,6 +349,10 @@ class Daemon:
             except OSError as exc:
                 raise StartError(f"cannot listen on {address} (metrics): {exc.strerror}") from None
             log.info("metrics at %s/metrics", _url(self.metrics_server).rstrip("/"))
+
+    def _lambda_lookup(self, name: str) -> tuple[FunctionSpec | None, bool]:
+        spec = self.runtime.functions.get(name) if self.phase == "ready" else None
+        return spec, name in self.records
 
     def _spawn(self, coro: Any, what: str) -> None:
         self._own(asyncio.get_running_loop().create_task(coro), what)
@@ -385,6 +407,7 @@ class Daemon:
                             f"the code of version {entry.version} is missing from the code "
                             f"store ({spec.target.root}); deploy the function again"
                         )
+                    self._check_packages(spec)
                     await self._runtime_deploy(spec)
                     self._serve_events(name)
                 except (DeployError, ConfigError, CgroupError, ValueError) as exc:
@@ -472,7 +495,18 @@ class Daemon:
             env=dict(entry.env),
             limits=limits.function,
             resources=limits.tenant,
+            source_root=entry.source_root,
+            packages=tuple(entry.packages) if entry.packages is not None else None,
         )
+
+    def _check_packages(self, spec: FunctionSpec) -> None:
+        store = self.runtime.packages
+        missing = [p for p in spec.packages or () if not store.path(p).is_dir()]
+        if missing:
+            raise DeployError(
+                f"version {spec.version}'s packages are missing from the package store "
+                f"({', '.join(missing)}); deploy the function again"
+            )
 
     async def _runtime_deploy(self, spec: FunctionSpec) -> dict[str, Any]:
         """runtime.deploy with a deadline, and with a rebuild of the version's snapshot when
@@ -555,29 +589,67 @@ class Daemon:
                 self.metrics.deployed("invalid")
                 raise ApiError(400, str(exc)) from None
             tenant = options.get("tenant", self.config.default_tenant)
+            t_packages = time.perf_counter()
             try:
-                async with self._store_lock:
-                    spec = await asyncio.to_thread(
-                        _freeze,
-                        self.runtime.codestore,
-                        name,
-                        target,
-                        kind=options.get("kind"),
-                        tenant=tenant,
-                        env=options.get("env", {}),
-                        limits=limits,
-                    )
-                    code = Path(spec.target.root).name
-                    self._pinned[code] += 1
-            except (CodeStoreError, ValueError, OSError) as exc:
-                self.metrics.deployed("invalid")
-                raise ApiError(400, f"cannot store the code of {name}: {exc}") from None
+                packages = await asyncio.to_thread(
+                    self.runtime.packages.provide_for, Path(target.root)
+                )
+            except PackageError as exc:
+                self.metrics.deployed("refused")
+                record = self.records.get(name)
+                if record is not None:
+                    self.function_logs.event(name, f"deploy refused: requirements: {exc}")
+                raise ApiError(
+                    422,
+                    f"{name}: the function's requirements cannot be installed: {exc}",
+                    serving=record.active if record else None,
+                ) from None
+            packages_ms = (time.perf_counter() - t_packages) * 1e3
             try:
-                return await self._deploy_spec(name, spec, options, limits, t0)
+                result = await self._deploy_stored(
+                    name, target, options, limits, tenant, packages, t0
+                )
+                if packages is not None:
+                    result["packages_ms"] = round(packages_ms, 1)
+                return result
             finally:
-                self._pinned[code] -= 1
-                if self._pinned[code] <= 0:
-                    del self._pinned[code]
+                self.runtime.packages.release(packages or ())
+
+    async def _deploy_stored(
+        self,
+        name: str,
+        target: Target,
+        options: dict[str, Any],
+        limits: Limits,
+        tenant: str,
+        packages: list[str] | None,
+        t0: float,
+    ) -> dict[str, Any]:
+        """Freeze the code, record the version, build it (see _deploy_spec)."""
+        try:
+            async with self._store_lock:
+                spec = await asyncio.to_thread(
+                    _freeze,
+                    self.runtime.codestore,
+                    name,
+                    target,
+                    kind=options.get("kind"),
+                    tenant=tenant,
+                    env=options.get("env", {}),
+                    limits=limits,
+                    packages=packages,
+                )
+                code = Path(spec.target.root).name
+                self._pinned[code] += 1
+        except (CodeStoreError, ValueError, OSError) as exc:
+            self.metrics.deployed("invalid")
+            raise ApiError(400, f"cannot store the code of {name}: {exc}") from None
+        try:
+            return await self._deploy_spec(name, spec, options, limits, t0)
+        finally:
+            self._pinned[code] -= 1
+            if self._pinned[code] <= 0:
+                del self._pinned[code]
 
     async def _deploy_spec(
         self,
@@ -610,6 +682,8 @@ class Daemon:
                 env=dict(spec.env),
                 options=own,
                 deployed_at=time.time(),
+                source_root=spec.source_root,
+                packages=list(spec.packages) if spec.packages is not None else None,
             )
             record.put(entry)
             self.records[name] = record
@@ -683,6 +757,7 @@ class Daemon:
             "limits": dataclasses.asdict(spec.limits),
             "tenant_limits": spec.resources.describe() if spec.resources else None,
             "min_warm": limits.min_warm,
+            "packages": list(spec.packages) if spec.packages is not None else None,
         }
 
     async def remove(self, name: str) -> dict[str, Any]:
@@ -738,6 +813,10 @@ class Daemon:
                 raise ApiError(
                     409, f"the code of {name} version {entry.version} is no longer stored"
                 )
+            try:
+                self._check_packages(spec)
+            except DeployError as exc:
+                raise ApiError(409, f"{name}: {exc}") from None
             previous = record.active
             try:
                 info = await self._runtime_deploy(spec)
@@ -772,9 +851,12 @@ class Daemon:
             if name in self.records or name in self.broken:
                 raise ApiError(503, f"{name} is not serving (see hourai show {name})")
             raise ApiError(404, f"no function named {name!r}")
-        request = _invocation(body)
         t0 = time.perf_counter()
-        response = await self.runtime.invoke(spec, request, "", request.path)
+        if "event" in body or "event_json" in body:
+            response = await self.runtime.invoke_event(spec, _direct_event(body))
+        else:
+            request = _invocation(body)
+            response = await self.runtime.invoke(spec, request, "", request.path)
         ms = (time.perf_counter() - t0) * 1e3
         headers = [[k, v] for k, v in response.headers]
         out: dict[str, Any] = {
@@ -783,11 +865,18 @@ class Daemon:
             "start": next((v for k, v in response.headers if k == "x-hourai-start"), None),
             "ms": round(ms, 3),
         }
+        function_error = next((v for k, v in response.headers if k == "x-amz-function-error"), None)
+        if function_error:
+            out["function_error"] = function_error
         try:
             out["body"] = bytes(response.body).decode("utf-8")
         except UnicodeDecodeError:
             out["body_base64"] = base64.b64encode(bytes(response.body)).decode()
         return out
+
+    async def _enqueue_lambda(self, spec: FunctionSpec, event: bytes) -> str:
+        """The Invoke API's InvocationType=Event: into the durable queue."""
+        return await self.invocations.accept(spec.name, event, "lambda-api")
 
     def _serve_events(self, name: str) -> None:
         """The function serves: its async settings, schedule and trigger follow its active
@@ -964,6 +1053,7 @@ class Daemon:
             doc["tenant"] = active.tenant
             doc["code"] = str(self.runtime.codestore.path(active.code))
             doc["env"] = sorted(active.env)  # names only: values may be secrets
+            doc["packages"] = active.packages
             doc["options"] = active.options
             try:
                 limits = self._limits(active.options)
@@ -1078,6 +1168,8 @@ class Daemon:
         self.function_logs.set_rotation(new.log.function_max_size, new.log.function_files)
         if new.domain != old.domain:
             self.router.domain = Router({}, domain=new.domain).domain
+        if new.packages != old.packages:
+            self.runtime.packages.installer.settings = _index_settings(new)
         if self.runtime.resources is not None and new.memory_budget != old.memory_budget:
             self.runtime.resources.policy.set_memory_budget(new.memory_budget)
         if (new.tenant_defaults, new.tenants) != (old.tenant_defaults, old.tenants):
@@ -1132,6 +1224,10 @@ class Daemon:
             removed = await asyncio.to_thread(_remove_unreferenced, store.root, keep)
         if removed:
             log.info("code store: removed %d unreferenced code trees", removed)
+        used = {p for r in self.records.values() for v in r.versions for p in v.packages or ()}
+        gone = await asyncio.to_thread(self.runtime.packages.collect, used)
+        if gone:
+            log.info("package store: removed %d unused distributions", len(gone))
 
 
 # ---------------------------------------------------------------------- helpers
@@ -1140,6 +1236,17 @@ class Daemon:
 def _url(server: asyncio.base_events.Server) -> str:
     host, port = server.sockets[0].getsockname()[:2]
     return f"http://[{host}]:{port}/" if ":" in host else f"http://{host}:{port}/"
+
+
+def _index_settings(config: Config) -> IndexSettings:
+    packages = config.packages
+    return IndexSettings(
+        index_url=packages.index_url,
+        extra_index_urls=packages.extra_index_urls,
+        find_links=packages.find_links,
+        no_index=packages.no_index,
+        cache_dir=packages.cache_dir or config.state_dir / "packages" / "cache",
+    )
 
 
 def _deploy_body(body: dict[str, Any]) -> tuple[str, str | None, dict[str, Any]]:
@@ -1181,6 +1288,8 @@ def prepare_deploy(
         options["env"] = env
     entry = options.get("entry")
     target = resolve_target(f"{path}:{entry}" if entry else path, cwd=base)
+    if options.pop("factory", False):
+        target = as_factory(target)
     return target, options
 
 
@@ -1240,6 +1349,21 @@ def _pss_by_function(pids: dict[str, list[int]]) -> dict[str, dict[str, int]]:
                 continue
         out[fn] = {"pss": total, "processes": alive}
     return out
+
+
+def _direct_event(body: dict[str, Any]) -> bytes:
+    """A direct invocation's event, as JSON bytes: ``event_json`` exactly as the caller wrote
+    it (the CLI sends a file's text), or ``event``, any JSON value."""
+    raw = body.get("event_json")
+    if raw is None:
+        return json.dumps(body.get("event")).encode()
+    if not isinstance(raw, str):
+        raise ApiError(400, "event_json must be a string holding JSON")
+    try:
+        json.loads(raw)
+    except ValueError as exc:
+        raise ApiError(400, f"the event is not JSON: {exc}") from None
+    return raw.encode()
 
 
 def _invocation(body: dict[str, Any]) -> Request:

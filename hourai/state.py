@@ -63,6 +63,9 @@ class VersionRecord:
     error: str | None = None
     detected: dict[str, Any] | None = None  # {"kind", "attr", "init_ms"} from the build
     activated_at: float | None = None
+    source_root: str | None = None  # the deployed directory, for tracebacks
+    # the package store's directories it imports (None: the daemon's environment)
+    packages: list[str] | None = None
 
     def target(self, code_root: Path) -> Target:
         return Target(
@@ -195,6 +198,11 @@ def _version(doc: Any) -> VersionRecord:
         raise ValueError(f"version {record.version}: env and options must be objects")
     if "/" in record.code or record.code.startswith("."):
         raise ValueError(f"version {record.version}: bad code digest {record.code!r}")
+    if record.packages is not None and not (
+        isinstance(record.packages, list)
+        and all(isinstance(p, str) and p and "/" not in p and p[0] != "." for p in record.packages)
+    ):
+        raise ValueError(f"version {record.version}: bad packages {record.packages!r}")
     return record
 
 

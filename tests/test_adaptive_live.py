@@ -7,13 +7,14 @@ seconds; the processes, cgroups and measurements are real.
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
 import tempfile
 from pathlib import Path
 
 import psutil
 import pytest
-from conftest import FUNCTIONS
+from conftest import FUNCTIONS, REPO
 
 from hourai.daemon import Runtime, RuntimeSettings
 from hourai.ingress import Request
@@ -23,6 +24,7 @@ from hourai.scheduler.core import FunctionLimits
 from hourai.scheduler.policy import PolicyParams
 
 POLICY = FUNCTIONS / "policy"
+SPIN = REPO / "bench" / "functions" / "spin.py"
 COMPRESSED = dict(
     bin_s=0.1,
     range_s=24.0,
@@ -32,6 +34,7 @@ COMPRESSED = dict(
     fallback_keep_alive_s=1.5,
     max_prewarm_s=60.0,
     tenant_resize_interval_s=0.5,
+    cpu_demand_halflife_s=1.0,
 )
 
 
@@ -39,13 +42,15 @@ def _request(path: str = "/") -> Request:
     return Request("GET", path, path, "", [], b"", "1.1", ("127.0.0.1", 1), ("127.0.0.1", 2), True)
 
 
-async def _deploy(runtime: Runtime, name: str, file: Path, tenant: str):  # type: ignore[no-untyped-def]
+async def _deploy(  # type: ignore[no-untyped-def]
+    runtime: Runtime, name: str, file: Path | str, tenant: str, keep_alive: float = 0.5
+):
     spec = build_spec(
         runtime.codestore,
         name,
         resolve_target(str(file)),
         tenant=tenant,
-        limits=FunctionLimits(spares=0, keep_alive=0.5),
+        limits=FunctionLimits(spares=0, keep_alive=keep_alive),
     )
     await runtime.deploy(spec)
     return spec
@@ -177,3 +182,94 @@ def test_what_the_policy_learned_survives_a_restart(tmp_path) -> None:
         assert asyncio.run(second_life()) == learned
     finally:
         shutil.rmtree(state_dir, ignore_errors=True)
+
+
+def _cgroup_dir(pid: int | None, controller: str) -> Path:
+    """The v1 cgroup directory of ``pid``'s group in ``controller``."""
+    assert pid is not None
+    for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines():
+        _, controllers, path = line.split(":", 2)
+        if controller in controllers.split(","):
+            return Path("/sys/fs/cgroup", controller) / path.lstrip("/")
+    raise AssertionError(f"{pid} is in no {controller} cgroup")
+
+
+def _read(directory: Path, name: str) -> int:
+    return int((directory / name).read_text())
+
+
+def _v1_cgroups() -> str | None:
+    if os.geteuid() != 0:
+        return "needs root: per-tenant cgroups are only made by a root daemon"
+    if not Path("/sys/fs/cgroup/cpu/cpu.shares").exists():
+        return "needs the cgroup v1 cpu hierarchy"
+    return None
+
+
+@pytest.mark.skipif(_v1_cgroups() is not None, reason=_v1_cgroups() or "")
+def test_a_cpu_hog_never_lowers_a_quiet_tenants_cpu_share() -> None:
+    async def scenario() -> None:
+        # Snapshots stay loaded throughout: the test is about tenant limits, not keep-alive.
+        params = {**COMPRESSED, "min_samples": 1000, "fallback_keep_alive_s": 600.0}
+        runtime = Runtime(RuntimeSettings(policy=PolicyParams(**params)))
+        await runtime.start()
+        stop = asyncio.Event()
+        try:
+            hog = await _deploy(runtime, "hog", SPIN, "busy")
+            quiet = await _deploy(runtime, "quiet", POLICY / "cheap.py", "quiet")
+            hog_cpu = _cgroup_dir(_snapshot_pid(runtime, "hog"), "cpu")
+            quiet_cpu = _cgroup_dir(_snapshot_pid(runtime, "quiet"), "cpu")
+
+            async def burn() -> None:
+                while not stop.is_set():
+                    await runtime.invoke(hog, _request("/?s=0.3"), "", "/")
+
+            burners = [asyncio.create_task(burn()) for _ in range(2)]  # both cores
+            # 4 s is 8 resizes with the hog's demand far above the quiet tenant's.
+            for _ in range(8):
+                assert (await runtime.invoke(quiet, _request(), "", "/")).status == 200
+                await asyncio.sleep(0.5)
+            stop.set()
+            await asyncio.gather(*burners)
+            tenants = runtime.resources.policy.tenant_stats()  # type: ignore[union-attr]
+            assert tenants["busy"]["cpu_demand_cores"] > 5 * tenants["quiet"]["cpu_demand_cores"]
+            # What the kernel has: both at the default share (cpu.weight 100 = 1024 shares).
+            assert _read(quiet_cpu, "cpu.shares") == 1024
+            assert _read(hog_cpu, "cpu.shares") == 1024
+        finally:
+            stop.set()
+            await runtime.stop()
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.skipif(_v1_cgroups() is not None, reason=_v1_cgroups() or "")
+def test_memory_sizing_never_sets_a_soft_limit_below_what_the_tenant_uses() -> None:
+    async def scenario() -> None:
+        # The real resize interval (30 s): a jump in use must not wait for it.
+        params = {
+            **COMPRESSED,
+            "min_samples": 1000,
+            "fallback_keep_alive_s": 600.0,
+            "min_keep_alive_s": 20.0,
+            "tenant_resize_interval_s": 30.0,
+        }
+        runtime = Runtime(RuntimeSettings(policy=PolicyParams(**params)))
+        await runtime.start()
+        try:
+            leaky = f"{FUNCTIONS / 'behave.py'}:leaky"
+            quiet = await _deploy(runtime, "quiet", leaky, "quiet", keep_alive=60.0)
+            memory = _cgroup_dir(_snapshot_pid(runtime, "quiet"), "memory")
+            await asyncio.sleep(1.0)  # a quiet history: a few MiB, read ten times a second
+            for _ in range(8):  # then 24 MiB more per call
+                assert (await runtime.invoke(quiet, _request(), "", "/")).status == 200
+            await asyncio.sleep(0.5)  # a few policy ticks after the last reading
+            soft = _read(memory, "memory.soft_limit_in_bytes")
+            usage = _read(memory, "memory.usage_in_bytes")
+            assert usage > 192 << 20
+            tenant = runtime.resources.policy.tenant_stats()["quiet"]  # type: ignore[union-attr]
+            assert soft >= usage, (soft, usage, tenant)
+        finally:
+            await runtime.stop()
+
+    asyncio.run(scenario())

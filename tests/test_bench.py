@@ -50,7 +50,15 @@ def test_quick_suite_writes_results_for_every_part(tmp_path) -> None:
         assert apps[app]["uvicorn_per_request"]["n"] > 0
     burst = doc["parts"]["burst"]["runs"][0]
     assert burst["all_answered"] and burst["answered_200"] == burst["requests"]
-    assert doc["parts"]["isolation"]["B alone"]["n"] > 0
+    isolation = doc["parts"]["isolation"]
+    for mode in ("adaptive off", "adaptive on"):
+        cases = isolation[mode]
+        for case in ("alone", "cpu hog", "memory hog", "fork bomb"):
+            assert cases[case]["n"] > 0 and cases[case]["p50_ratio"] > 0
+        # Every neighbour at the same share as the light tenant, whatever it burned.
+        for case in ("cpu hog", "memory hog", "fork bomb"):
+            assert cases[case]["light_cpu_shares"] == cases[case]["neighbour_cpu_shares"]
+        assert 0 < cases["fork bomb"]["neighbour_pids_peak"] <= isolation["limits"]["pids_max"]
     points = doc["parts"]["density"]["points"]
     assert [p["functions"] for p in points] == [5, 10]
     assert all(p["hourai_pss"] > 0 and p["baseline_pss"] > 0 for p in points)

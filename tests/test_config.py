@@ -51,6 +51,12 @@ access = false
 function_max_size = "1M"
 function_files = 2
 
+[packages]
+index_url = "https://pypi.example.com/simple"
+extra_index_urls = ["https://more.example.com/simple"]
+find_links = ["/srv/wheels"]
+cache_dir = "/var/cache/hourai-uv"
+
 [defaults]
 tenant = "shared"
 timeout = 10
@@ -123,6 +129,11 @@ def test_every_key_is_read() -> None:
     assert config.log.format == "json" and config.log.level == "warning"
     assert config.log.access is False
     assert (config.log.function_max_size, config.log.function_files) == (1 << 20, 2)
+    packages = config.packages
+    assert packages.index_url == "https://pypi.example.com/simple"
+    assert packages.extra_index_urls == ("https://more.example.com/simple",)
+    assert packages.find_links == ("/srv/wheels",)
+    assert packages.cache_dir == Path("/var/cache/hourai-uv") and packages.no_index is False
     defaults = config.function_defaults()
     assert defaults["memory"] == 512 << 20 and defaults["cpu"] == 0.5
     assert defaults["worker_memory"] == 256 << 20 and defaults["keep_alive"] == 0.0
@@ -138,6 +149,8 @@ def test_every_key_is_read() -> None:
     [
         ("colour = 1", "unknown key 'colour'"),
         ("[log]\ncolour = 1", "[log]: unknown key 'colour'"),
+        ("[packages]\nindex = 'x'", "[packages]: unknown key 'index'"),
+        ("[packages]\nno_index = true", "[packages] no_index needs find_links"),
         ("[defaults]\ncolour = 1", "[defaults]: unknown key 'colour'"),
         ("[defaults]\nentry = 'app'", "[defaults]: unknown key 'entry'"),
         ("[defaults]\nenv = {A = 'b'}", "[defaults]: unknown key 'env'"),
@@ -282,7 +295,7 @@ def test_hourai_daemon_refuses_a_bad_config_at_start(tmp_path) -> None:
 
 def test_every_key_is_documented_in_the_readme_with_its_default() -> None:
     """The README's configuration reference is the contract: no key may be missing from it."""
-    from hourai.config import LOG_KEYS, TOP_KEYS
+    from hourai.config import LOG_KEYS, PACKAGES_KEYS, TOP_KEYS
 
     readme = (REPO / "README.md").read_text()
     assert "### Configuration reference" in readme, "README.md lacks the daemon's config reference"
@@ -292,6 +305,7 @@ def test_every_key_is_documented_in_the_readme_with_its_default() -> None:
     }
     missing = [k for k in TOP_KEYS if f"`{k}`" not in rows]
     missing += [f"[log] {k}" for k in LOG_KEYS if f"`[log] {k}`" not in rows]
+    missing += [f"[packages] {k}" for k in PACKAGES_KEYS if f"`[packages] {k}`" not in rows]
     missing += [k for k in FUNCTION_OPTIONS if f"`{k}`" not in rows]
     assert not missing, f"README.md does not document {missing}"
     assert all(len(row.split("|")) >= 4 and row.split("|")[2].strip() for row in rows.values())

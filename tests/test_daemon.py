@@ -90,8 +90,16 @@ def test_deploy_invoke_list_show_logs_remove_through_the_cli(hourai_daemon, tmp_
         "body": "evt",
     }
     (tmp_path / "event.json").write_text(json.dumps(event))
+    # --event is a direct invocation: the handler gets the event as written, and what it
+    # returns is the payload (here a proxy response, as API Gateway would get it)
     echoed = json.loads(d.cli("invoke", "b", "--event", str(tmp_path / "event.json")).stdout)
-    assert echoed == {"method": "PUT", "path": "/echo", "query": "q=1", "body": "evt"}
+    assert echoed["statusCode"] == 201
+    assert json.loads(echoed["body"]) == {
+        "method": "PUT",
+        "path": "/echo",
+        "query": "q=1",
+        "body": "evt",
+    }
     failed = d.cli("invoke", "b", "--path", "/raise", check=False)
     assert failed.returncode == 1 and "b answered 500" in failed.stderr
 

@@ -8,6 +8,7 @@ plus one http.client smoke test.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import http.client
 import json
@@ -15,6 +16,7 @@ import logging
 import re
 import select
 import socket
+import struct
 import threading
 import time
 import weakref
@@ -403,6 +405,18 @@ def test_pipeline_limit_bounds_concurrent_handlers(
     assert c.read_response().status == 200
 
 
+def test_pipeline_far_longer_than_the_limit_is_answered_in_order(
+    make_server: Callable[..., ServerThread],
+) -> None:
+    srv = make_server(max_pipeline=2)
+    c = Client(srv.port)
+    n = 400  # in one send, far more than one parse step: most of it waits unparsed
+    c.send(b"".join(get(f"/sleep/0/{i}") for i in range(n)))
+    assert [c.read_response().body for _ in range(n)] == [b"/sleep/0/%d" % i for i in range(n)]
+    c.send(get("/echo"))
+    assert c.read_response().status == 200
+
+
 def test_pipelined_error_comes_after_earlier_answers(client: Client) -> None:
     client.send(get("/sleep/100") + b"GET / HTTP/1.1\r\nBad Header\r\n\r\n")
     assert client.read_response().body == b"/sleep/100"
@@ -429,7 +443,7 @@ def test_write_backpressure_pauses_reading(server: ServerThread, client: Client)
 
 
 def test_client_that_stops_reading_is_dropped(make_server: Callable[..., ServerThread]) -> None:
-    srv = make_server(body_timeout=0.3, keep_alive_timeout=0.3)
+    srv = make_server(write_timeout=0.3)
     c = Client(srv.port)
     size = 32 * 1024 * 1024
     c.send(get(f"/big/{size}") + get(f"/big/{size}"))
@@ -438,6 +452,105 @@ def test_client_that_stops_reading_is_dropped(make_server: Callable[..., ServerT
     with pytest.raises((EOFError, ConnectionResetError)):
         while True:
             c.fill()
+
+
+def small_window_client(port: int) -> Client:
+    """A client whose kernel buffers little of what it does not read."""
+    c = Client.__new__(Client)
+    c.sock = socket.socket()
+    c.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16 * 1024)
+    c.sock.settimeout(WAIT)
+    c.sock.connect(("127.0.0.1", port))
+    c.buf = b""
+    return c
+
+
+def test_pipelining_client_that_never_reads_is_bounded_then_dropped(
+    make_server: Callable[..., ServerThread],
+) -> None:
+    srv = make_server(write_timeout=0.5)
+    c = Client(srv.port)
+    wire = b"".join(get(f"/big/1024?{i:05}") for i in range(20000))
+    c.sock.setblocking(False)
+    sent = 0
+    with contextlib.suppress(BlockingIOError):  # until the server stops reading
+        while sent < len(wire):
+            sent += c.sock.send(wire[sent : sent + 65536])
+    requests = sent // len(get("/big/1024?00000"))
+    wait_for(lambda: srv.state.count(srv.state.started) > 0)
+    # Dropped once its answers have sat unread for the write timeout...
+    wait_for(lambda: not srv.connections, timeout=WAIT + 5)
+    # ...and only the answers that fit the buffers and the pipeline were made: without
+    # the bounds, the kernel alone takes some 4000 of them (4 MiB), and the rest wait.
+    started = srv.state.count(srv.state.started)
+    assert 0 < started <= 1000 < requests
+    c.sock.setblocking(True)
+    with pytest.raises((EOFError, ConnectionResetError)):
+        for _ in range(requests):
+            c.read_response()
+
+
+def test_slow_reader_is_served_past_the_write_timeout(
+    make_server: Callable[..., ServerThread],
+) -> None:
+    srv = make_server(write_timeout=1.0)
+    c = small_window_client(srv.port)
+    size = 16 * 1024 * 1024
+    c.send(get(f"/big/{size}"))
+    start = time.monotonic()
+    # At most 16 KiB per 2 ms: two seconds or more of a backed-up answer, while the
+    # kernel's send buffer (a few MiB) frees room for more well within the timeout.
+    while len(c.buf) < size:
+        chunk = c.sock.recv(16 * 1024)
+        assert chunk, "dropped while reading"
+        c.buf += chunk
+        time.sleep(0.002)
+    assert time.monotonic() - start > 1.0
+    reply = c.read_response()
+    assert len(reply.body) == size
+    c.send(get("/echo?after"))
+    assert c.read_response().json()["query"] == "after"
+
+
+# --- half-closing clients -------------------------------------------------------------
+
+
+def test_half_closed_client_gets_every_answer_then_eof(server: ServerThread) -> None:
+    c = Client(server.port)
+    c.send(get("/sleep/200") + get("/echo?2"))
+    c.sock.shutdown(socket.SHUT_WR)
+    first = c.read_response()
+    assert first.body == b"/sleep/200"
+    assert first.header("connection") is None
+    last = c.read_response()
+    assert last.json()["query"] == "2"
+    assert last.header("connection") == "close"
+    assert c.closed()
+    assert server.state.finished == ["/sleep/200"]  # not cancelled by the FIN
+    wait_for(lambda: not server.connections)
+
+
+def test_half_close_mid_request_answers_only_the_whole_ones(server: ServerThread) -> None:
+    c = Client(server.port)
+    c.send(get("/echo?1") + b"GET /echo?2 HTTP/1.1\r\nHo")
+    c.sock.shutdown(socket.SHUT_WR)
+    assert c.read_response().json()["query"] == "1"
+    assert c.closed()
+    assert server.state.started == ["/echo"]
+
+
+def test_half_close_with_more_queued_than_the_pipeline(
+    make_server: Callable[..., ServerThread],
+) -> None:
+    srv = make_server(max_pipeline=2)
+    c = Client(srv.port)
+    n = 400  # far more than one parse step: most of it waits unparsed for a slot
+    c.send(b"".join(get(f"/sleep/0?{i}") for i in range(n)))
+    c.sock.shutdown(socket.SHUT_WR)
+    for _ in range(n):
+        assert c.read_response().status == 200
+    assert c.closed()
+    assert srv.state.count(srv.state.finished) == n
 
 
 # --- request bodies -------------------------------------------------------------------
@@ -776,13 +889,21 @@ def test_http10_chunked_request_closes_after_response(client: Client) -> None:
     assert client.closed()
 
 
-def test_upgrade_without_body_is_plain_http(client: Client) -> None:
-    client.send(
-        b"GET /echo?1 HTTP/1.1\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n"
-        + get("/echo?2")
-    )
-    assert client.read_response().json()["query"] == "1"
-    assert client.read_response().json()["query"] == "2"
+@pytest.mark.parametrize(
+    "upgrade",
+    [b"Connection: Upgrade\r\nUpgrade: websocket\r\n", b"Upgrade: h2c\r\n"],
+    ids=["connection-upgrade", "upgrade-alone"],
+)
+def test_upgrade_is_answered_as_plain_http_and_ends_the_connection(
+    server: ServerThread, client: Client, upgrade: bytes
+) -> None:
+    # A proxy may relay what follows as the upgraded stream: it must never be a request.
+    client.send(b"GET /echo?1 HTTP/1.1\r\nHost: t\r\n" + upgrade + b"\r\n" + get("/echo?2"))
+    reply = client.read_response()
+    assert reply.json()["query"] == "1"
+    assert reply.header("connection") == "close"
+    assert client.closed()
+    assert server.state.started == ["/echo"]
 
 
 # --- timeouts -------------------------------------------------------------------------
@@ -848,6 +969,8 @@ def test_disconnect_cancels_handler_without_leaks(
     assert server.state.blocked.wait(WAIT)
     assert len(server.connections) == 1
     proto_ref = weakref.ref(next(iter(server.connections)))
+    # A reset, not a FIN: a FIN may be a half-close from a client still reading.
+    c.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     c.close()
     assert server.state.cancelled.wait(WAIT)
     wait_for(lambda: not server.connections)

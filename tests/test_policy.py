@@ -302,19 +302,113 @@ def test_memory_high_follows_the_working_set_and_stays_under_the_declared_max():
     assert emitted == 2
 
 
-def test_cpu_weight_follows_demand():
+def test_memory_high_never_throttles_a_tenant_below_its_use_right_after_a_deploy():
+    # A tenant quiet for hours (5 MiB), then deploys bring its use to 211 MiB at once.
+    p = AdaptivePolicy(PolicyParams(tenant_resize_interval_s=30.0))
+    p.declare_tenant("acme", None)
+    highs: list[int] = []
+    t = 0.0
+    for _ in range(2000):
+        p.observe_memory(t, 0, tenants={"acme": TenantUsage(5 * MiB, 0.0)})
+        highs += [d.memory_high for d in p.decide(t) if isinstance(d, SetTenantMemoryHigh)]
+        t += 1.0
+    assert highs[-1] == 64 * MiB  # the floor: the working set is smaller
+    p.declare_tenant("acme", None)  # the deploy
+    for _ in range(3):
+        p.observe_memory(t, 0, tenants={"acme": TenantUsage(211 * MiB, 0.0)})
+        highs += [d.memory_high for d in p.decide(t) if isinstance(d, SetTenantMemoryHigh)]
+        assert highs[-1] >= 211 * MiB * 1.25
+        t += 1.0
+    # Between resizes, too: growth that eats into the headroom raises memory.high at once.
+    p.observe_memory(t, 0, tenants={"acme": TenantUsage(260 * MiB, 0.0)})
+    out = p.decide(t)
+    assert [d.memory_high for d in out if isinstance(d, SetTenantMemoryHigh)] == [
+        int(260 * MiB * 1.25)
+    ]
+    assert p.tenant_stats()["acme"]["memory_high"] == int(260 * MiB * 1.25)
+
+
+def test_cpu_weight_stays_the_equal_share_however_unequal_the_use():
     p = AdaptivePolicy(PolicyParams(tenant_resize_interval_s=5.0, cpu_demand_halflife_s=5.0))
     out = []
     for i in range(60):
-        usage = {"busy": TenantUsage(64 * MiB, i * 1.5), "quiet": TenantUsage(64 * MiB, i * 0.5)}
+        # busy burns both cores, quiet makes a 40 ms call now and then
+        usage = {"busy": TenantUsage(64 * MiB, i * 2.0), "quiet": TenantUsage(64 * MiB, i * 0.01)}
         p.observe_memory(float(i), 0, tenants=usage)
         out += p.decide(float(i))
-    weights = {}
-    for d in out:
-        if isinstance(d, SetTenantCpuWeight):
-            weights[d.tenant] = d.weight
-    assert weights["busy"] == pytest.approx(150, abs=8)
-    assert weights["quiet"] == pytest.approx(50, abs=8)
+    assert not [d for d in out if isinstance(d, SetTenantCpuWeight)]
+    stats = p.tenant_stats()
+    assert stats["busy"]["cpu_demand_cores"] > 100 * stats["quiet"]["cpu_demand_cores"] > 0
+    assert stats["busy"]["cpu_weight"] == stats["quiet"]["cpu_weight"] == 100
+
+
+def test_reserved_cpu_weight_is_kept_and_the_policy_never_writes_one_below_the_default():
+    p = AdaptivePolicy(PolicyParams(tenant_resize_interval_s=5.0))
+    p.declare_tenant("reserved", None, cpu_weight=400)
+    p.declare_tenant("low", None, cpu_weight=10)
+    out = []
+    for i in range(30):
+        usage = {"reserved": TenantUsage(MiB, 0.0), "low": TenantUsage(MiB, i * 2.0)}
+        p.observe_memory(float(i), 0, tenants=usage)
+        out += p.decide(float(i))
+    weights = [d for d in out if isinstance(d, SetTenantCpuWeight)]
+    assert weights == [SetTenantCpuWeight("low", 100)]  # once; the reserved 400 stays as is
+    assert p.tenant_stats()["reserved"]["cpu_weight"] == 400
+
+
+usage_histories = st.lists(
+    st.tuples(
+        st.floats(0.01, 120.0),  # seconds since the last reading
+        st.dictionaries(
+            st.sampled_from(["a", "b", "c", "d"]),
+            st.tuples(st.integers(0, 8 * GiB), st.floats(0.0, 2.0)),  # bytes, cores used
+            min_size=1,
+        ),
+        st.one_of(  # now and then a deploy declares a tenant
+            st.none(),
+            st.tuples(
+                st.sampled_from(["a", "b", "c", "d"]),
+                st.one_of(st.none(), st.integers(64 * MiB, 8 * GiB)),
+                st.one_of(st.none(), st.integers(1, 10000)),
+            ),
+        ),
+    ),
+    max_size=60,
+)
+
+
+@given(usage_histories, st.sampled_from([0.0, 5.0, 30.0]))
+def test_no_usage_history_pushes_a_tenant_below_its_equal_share_or_its_use(
+    history: list, resize_interval: float
+) -> None:
+    """For any usage history: every tenant's cpu weight is at least the default (the equal
+    share among tenants with demand) and at least what it reserved; every memory.high set is
+    at least the tenant's latest use (or its declared maximum)."""
+    p = AdaptivePolicy(PolicyParams(tenant_resize_interval_s=resize_interval))
+    now = 0.0
+    cpu = {"a": 0.0, "b": 0.0, "c": 0.0, "d": 0.0}
+    reserved: dict[str, int | None] = {}
+    maxima: dict[str, int | None] = {}
+    for dt, readings, declare in history:
+        now += dt
+        if declare is not None:
+            name, memory_max, weight = declare
+            p.declare_tenant(name, memory_max, weight)
+            reserved[name], maxima[name] = weight, memory_max
+        usage = {}
+        for name, (nbytes, cores) in readings.items():
+            cpu[name] += cores * dt
+            usage[name] = TenantUsage(nbytes, cpu[name])
+        p.observe_memory(now, 0, tenants=usage)
+        for d in p.decide(now):
+            if isinstance(d, SetTenantCpuWeight):
+                assert d.weight >= 100 and d.weight >= (reserved.get(d.tenant) or 0), d
+        for name, t in p.tenant_stats().items():
+            assert t["cpu_weight"] >= max(100, reserved.get(name) or 0), (name, t)
+            if t["memory_high"] is not None and name in readings:
+                use = readings[name][0]
+                cap = maxima.get(name)
+                assert t["memory_high"] >= (use if cap is None else min(use, cap)), (name, t)
 
 
 # --- persistence and bounds ------------------------------------------------------------------
@@ -528,3 +622,21 @@ def test_admission_never_exceeds_the_budget(requests):
             if isinstance(d, UnloadSnapshot):
                 snapshot[d.fn] = 0
             assert not isinstance(d, PrewarmSnapshot)  # nothing learned yet
+
+
+def test_one_tenants_use_cannot_get_another_tenants_rebuild_refused():
+    """A hog holding most of the budget in busy workers (nothing evictable) gets its own
+    next rebuild refused; a small tenant, within an equal share, is still admitted."""
+    p = AdaptivePolicy(PolicyParams(memory_budget_bytes=4 * GiB))
+    p.register("hog-fn", "hog")
+    p.register("small-fn", "small")
+    p.declare_tenant("hog", 8 * GiB)
+    p.declare_tenant("small", 1 * GiB)
+    p.observe_cost("hog-fn", 0.1, 64 * MiB, MiB)
+    p.on_invocation("hog-fn", 0.0)  # busy: not evictable
+    usage = {"hog": TenantUsage(4 * GiB, 0.0), "small": TenantUsage(16 * MiB, 0.0)}
+    p.observe_memory(1.0, 4 * GiB + 16 * MiB, tenants=usage)  # over the budget
+    small = p.admit("small-fn", 3 * MiB, 1.0)
+    assert small.ok and "share" in small.reason
+    hog = p.admit("hog-fn", 64 * MiB, 1.0)
+    assert not hog.ok and "tenant hog uses" in hog.reason

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
 import socket
 import subprocess
 import sys
+import time
 
 import psutil
 import pytest
@@ -183,6 +185,61 @@ def test_port_in_use_is_a_clear_error() -> None:
     assert result.returncode == 2
     assert "cannot listen on 127.0.0.1" in result.stderr
     assert "--port" in result.stderr
+
+
+def test_the_port_answers_only_once_the_function_is_ready(tmp_path) -> None:
+    # `hourai run app.py & curl --retry-connrefused ...`: the first answer must be the
+    # function's, never "not deployed (yet)" while its snapshot is still being built.
+    fn = tmp_path / "slow_init.py"
+    fn.write_text(
+        "import time\n\ntime.sleep(1)\n\n\ndef handler(event, context):\n    return 'ready'\n"
+    )
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    proc = HouraiProcess(["run", "--port", str(port), "--spares", "0", str(fn)])
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                conn = socket.create_connection(("127.0.0.1", port), timeout=30)
+                break
+            except ConnectionRefusedError:
+                assert proc.proc.poll() is None, proc.log
+                assert time.monotonic() < deadline, "never listened"
+                time.sleep(0.005)
+        with conn:
+            conn.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            answer = b""
+            while chunk := conn.recv(65536):
+                answer += chunk
+        assert answer.startswith(b"HTTP/1.1 200 "), answer
+        assert answer.endswith(b"\r\n\r\nready")
+        assert "serving handler" in proc.wait_serving().log
+    finally:
+        proc.stop()
+
+
+def test_a_failed_deploy_never_listens(tmp_path) -> None:
+    fn = tmp_path / "broken.py"
+    fn.write_text("import time\n\ntime.sleep(0.5)\nraise RuntimeError('init failed')\n")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    proc = HouraiProcess(["run", "--port", str(port), str(fn)])
+    try:
+        answered = []
+        deadline = time.monotonic() + 60
+        while proc.proc.poll() is None:
+            assert time.monotonic() < deadline, "hourai run did not exit"
+            with contextlib.suppress(ConnectionRefusedError):
+                answered.append(request(port, "/", timeout=5).status)
+            time.sleep(0.01)
+        assert proc.proc.returncode == 1
+        assert answered == []
+        proc.wait_for(r"hourai: error: .*init failed")
+    finally:
+        proc.stop()
 
 
 def test_sigterm_stops_every_process_of_the_tree(hourai_run) -> None:

@@ -52,8 +52,8 @@ class Recorder:
         if not callable(attr):
             return attr
 
-        def call(*args: Any) -> Any:
-            out = attr(*args)
+        def call(*args: Any, **kwargs: Any) -> Any:
+            out = attr(*args, **kwargs)
             if isinstance(out, list):
                 for d in out:
                     if isinstance(d, Dispatch):
@@ -438,16 +438,98 @@ def test_failed_trial_doubles_the_backoff_up_to_the_maximum() -> None:
     assert lengths == [1.0, 2.0, 3.0, 3.0]
 
 
-def test_timeouts_count_toward_the_crash_loop() -> None:
-    h = Host(crash_loop_threshold=2)
+def _fresh_worker_for(h: Host, fn: str = "f") -> tuple[int, int]:
+    """A request on a worker forked for it (its first invocation): (request, worker)."""
+    rid, out = h.submit(fn)
+    for wid in forks(out):
+        h.s.worker_ready(wid)
+    return rid, h.worker_of(fn, rid)
+
+
+def test_timeouts_never_back_off_and_the_next_cheap_request_is_served() -> None:
+    h = Host(crash_loop_threshold=1)
     h.serving(limits=FunctionLimits(spares=0, timeout=1))
-    for _ in range(2):
-        _, out = h.submit()
-        for wid in forks(out):
-            h.s.worker_ready(wid)
-        h.advance(1)
+    for _ in range(3):
+        rid, wid = _fresh_worker_for(h)  # each on its first invocation
+        out = h.advance(1)
+        assert out[:2] == [Fail(rid, 504, "function timed out after 1s"), Kill(wid, "timeout")]
+        assert not of(FunctionState, out)
+    stats = h.s.stats("f")
+    assert (stats["state"], stats["timeouts"], stats["crashes"]) == ("serving", 3, 0)
+    assert stats["last_error"] == "timed out after 1s"
+    cheap, wid = _fresh_worker_for(h)
+    assert h.s.finished(wid, cheap) == []  # answered by its worker, nothing refused
+
+
+def test_oom_kills_never_back_off_even_on_a_first_invocation() -> None:
+    h = Host(crash_loop_threshold=1)
+    h.serving(limits=FunctionLimits(spares=0))
+    for _ in range(3):
+        rid, wid = _fresh_worker_for(h)
+        out = h.s.worker_died(wid, "killed by the kernel's OOM killer", oom=True)
+        assert out == [Fail(rid, 502, "worker died: killed by the kernel's OOM killer")]
+    stats = h.s.stats("f")
+    assert (stats["state"], stats["oom_kills"], stats["died"]) == ("serving", 3, 3)
+    cheap, wid = _fresh_worker_for(h)
+    assert h.s.finished(wid, cheap) == []
+
+
+def test_death_of_a_worker_that_has_served_is_one_invocations_502_not_a_crash() -> None:
+    h = Host(crash_loop_threshold=1)
+    h.serving(limits=FunctionLimits(spares=0, max_workers=1))
+    for _ in range(3):
+        [w] = h.warm_workers("f", 1)
+        rid, out = h.submit()
+        assert out == [Dispatch(rid, w, "warm")]
+        assert h.s.worker_died(w, "killed by signal 11") == [
+            Fail(rid, 502, "worker died: killed by signal 11")
+        ]
+    assert h.s.stats("f")["state"] == "serving"
+
+
+def test_deaths_at_start_back_off_a_spare_that_dies_and_failed_forks_included() -> None:
+    h = Host(crash_loop_threshold=3)
+    [spare] = h.serving(limits=FunctionLimits(spares=1, max_workers=2))
+    out = h.s.worker_died(spare, "exit status 1")  # before any invocation
+    [again] = forks(out)
+    h.s.fork_failed(again, "fork: Resource temporarily unavailable")
+    assert h.s.stats("f")["crashes"] == 2
+    _rid, wid = _fresh_worker_for(h)
+    out = h.s.worker_died(wid, "exit status 1")  # at its first invocation
+    reason = "function 'f' is crash-looping; last error: worker died: exit status 1; retrying in 1s"
+    assert FunctionState("f", "backoff", reason) in out
     assert h.s.stats("f")["state"] == "backoff"
-    assert h.s.stats("f")["last_error"] == "timed out after 1s"
+
+
+def test_repeated_snapshot_rebuild_failures_back_off() -> None:
+    h = Host(crash_loop_threshold=3)
+    h.serving(limits=FunctionLimits(spares=0))
+    h.warm_workers("f", 1)
+    h.s.snapshot_lost("f", "v1", "killed by signal 9")
+    rid, out = h.submit()
+    assert out == [BuildSnapshot("f", "v1")]
+    out = h.s.snapshot_failed("f", "v1", "MemoryError")
+    assert out == [BuildSnapshot("f", "v1")]  # the request still waits for it
+    h.s.snapshot_failed("f", "v1", "MemoryError")
+    out = h.s.snapshot_failed("f", "v1", "MemoryError")
+    reason = (
+        "function 'f' is crash-looping; last error: snapshot rebuild failed: MemoryError; "
+        "retrying in 1s"
+    )
+    assert Reject(rid, 503, reason, 1.0) in out
+    assert FunctionState("f", "backoff", reason) in out
+
+
+def test_a_trial_that_times_out_shows_the_function_starts_and_ends_the_backoff() -> None:
+    h = Host(crash_loop_threshold=3, backoff_initial=1.0)
+    h.serving(limits=FunctionLimits(spares=0, max_workers=1, timeout=5))
+    _crash_loop(h)
+    h.advance(1.0)
+    assert h.s.stats("f")["state"] == "trial"
+    _fresh_worker_for(h)
+    out = h.advance(5)
+    assert FunctionState("f", "serving", "recovered from crash loop") in out
+    assert h.s.stats("f")["state"] == "serving"
 
 
 def test_a_successful_finish_resets_the_crash_count() -> None:

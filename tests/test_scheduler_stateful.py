@@ -14,7 +14,10 @@ reports, limit changes and removals. After every step the invariants of the sche
 5. function and tenant in-flight caps hold at every dispatch;
 6. a Dispatch targets a ready worker of that function with a free slot; no decision names a
    worker or snapshot the shell does not have;
-7. next_deadline() is never later than something tick() acts on.
+7. next_deadline() is never later than something tick() acts on;
+8. only crashes back off: a function enters backoff only on a failure to start (a failed
+   fork, the death of a worker that has answered nothing, not by the OOM killer, a failed
+   snapshot build), never on a timeout, an OOM kill or the death of a worker that served.
 """
 
 from __future__ import annotations
@@ -95,6 +98,7 @@ class ModelWorker:
     ready: bool = False
     doomed: bool = False  # its snapshot was lost: the shell will report it dead
     uses: int = 0
+    answered: bool = False
     running: set[int] = field(default_factory=set)
 
 
@@ -112,6 +116,9 @@ class SchedulerMachine(RuleBasedStateMachine):
         self.tenant_caps: dict[str, int | None] = {"t1": None, "t2": None}
         self.next_rid = 1
         self.max_host: int | None = None
+        # Functions whose event being applied is a failure to start, the only kind that
+        # may put a function into backoff.
+        self.start_crash: set[str] = set()
 
     @initialize(
         max_host=st.sampled_from([None, 2, 4]),
@@ -198,6 +205,8 @@ class SchedulerMachine(RuleBasedStateMachine):
                 del self.snapshots[key]
             else:
                 assert isinstance(d, FunctionState)
+                if d.state == "backoff":
+                    assert d.function in self.start_crash, f"{d} after no failure to start"
 
     def _dispatch(self, d: Dispatch) -> None:
         req = self.requests[d.request_id]
@@ -316,6 +325,7 @@ class SchedulerMachine(RuleBasedStateMachine):
         req = self.requests[rid]
         assert req.worker is not None
         self.workers[req.worker].running.discard(rid)
+        self.workers[req.worker].answered = True
         req.status = "done"
         self.apply(self.s.finished(req.worker, rid))
 
@@ -354,7 +364,9 @@ class SchedulerMachine(RuleBasedStateMachine):
             self.apply(self.s.snapshot_ready(*key))
         else:
             del self.snapshots[key]
+            self.start_crash = {key[0]}
             self.apply(self.s.snapshot_failed(*key, "ImportError: no module named x"))
+            self.start_crash = set()
 
     @precondition(lambda self: "ready" in self.snapshots.values())
     @rule(data=st.data(), really=st.integers(0, 2))
@@ -390,19 +402,27 @@ class SchedulerMachine(RuleBasedStateMachine):
                 self.workers[wid].ready = True
                 self.apply(self.s.worker_ready(wid))
             else:
-                del self.workers[wid]
+                fn = self.workers.pop(wid).fn
+                self.start_crash = {fn}
                 self.apply(self.s.fork_failed(wid, "fork: out of memory"))
+                self.start_crash = set()
 
     @precondition(lambda self: bool(self.workers))
-    @rule(data=st.data(), really=st.integers(0, 1))
-    def worker_died(self, data: st.DataObject, really: int) -> None:
+    @rule(data=st.data(), really=st.integers(0, 1), oom=st.booleans())
+    def worker_died(self, data: st.DataObject, really: int, oom: bool) -> None:
         if really:
             return
-        self._died(data.draw(st.sampled_from(sorted(self.workers))))
+        self._died(data.draw(st.sampled_from(sorted(self.workers))), oom)
 
-    def _died(self, wid: int) -> None:
+    def _died(self, wid: int, oom: bool = False) -> None:
         w = self.workers.pop(wid)
-        self.apply(self.s.worker_died(wid, "exit status 1"))
+        if not w.answered and not oom:
+            self.start_crash = {w.fn}
+        if oom:
+            self.apply(self.s.worker_died(wid, "killed by the kernel's OOM killer", oom=True))
+        else:
+            self.apply(self.s.worker_died(wid, "exit status 1"))
+        self.start_crash = set()
         unanswered = [r for r in w.running if self.requests[r].status != "done"]
         assert not unanswered, f"worker {wid} died and requests {unanswered} got no answer"
 

@@ -13,7 +13,13 @@ import pytest
 from bench.common import BenchContext
 from bench.simulate import Simulation, build_workload, run
 from bench.traces import load_azure
-from hourai.scheduler.policy import AdaptivePolicy, FixedKeepAlivePolicy, NeverUnloadPolicy
+from hourai.scheduler.policy import (
+    AdaptivePolicy,
+    FixedKeepAlivePolicy,
+    NeverUnloadPolicy,
+    SetTenantCpuWeight,
+    TenantUsage,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / ".." / "shared" / "traces" / "azure2019-sample70" / "70_inv.csv"
@@ -103,6 +109,64 @@ def test_policy_and_simulator_agree_on_cold_starts(tiny):
     told = sum(sim.policy.explain(s.model.name)["counters"]["cold_starts"] for s in sim.fns)
     assert told == result["cold_starts"]
     assert result["invocations"] == 288 + 96 + 1 + 3 * 1440
+
+
+def weighted_fair(demand: dict[str, float], weight: dict[str, int], cores: float) -> dict:
+    """What CFS gives tenants whose groups want ``demand`` cores, in the fluid limit: weighted
+    max-min fairness (water-filling) over ``cores``."""
+    got = dict.fromkeys(demand, 0.0)
+    left = {t for t, d in demand.items() if d > 0}
+    free = cores
+    while left and free > 1e-12:
+        total = sum(weight[t] for t in left)
+        share = {t: free * weight[t] / total for t in left}
+        done = {t for t in left if demand[t] - got[t] <= share[t]}
+        if not done:
+            for t in left:
+                got[t] += share[t]
+            break
+        for t in done:
+            free -= demand[t] - got[t]
+            got[t] = demand[t]
+        left -= done
+    return got
+
+
+def test_on_a_trace_no_tenant_with_demand_gets_less_than_an_equal_share_of_cpu(tmp_path):
+    # "hog" wants 2 cores all the time (1200 calls of 100 ms a minute); the others are light.
+    minutes = 120
+    inv = write_trace(
+        tmp_path,
+        {"hog": [1200] * minutes, "light": every(2, minutes), "bursty": every(30, minutes)},
+    )
+    workload = build_workload(load_azure(inv), seed=1)
+    tenants = [f.tenant for f in workload.fns]
+    demand_at: dict[int, dict[str, float]] = {}
+    for at, i, duration in workload.arrivals:
+        second = demand_at.setdefault(int(at), dict.fromkeys(tenants, 0.0))
+        second[tenants[i]] += duration
+    policy = AdaptivePolicy()
+    for t in tenants:
+        policy.declare_tenant(t, None)
+    weight = dict.fromkeys(tenants, 100)
+    used = dict.fromkeys(tenants, 0.0)
+    cores = 2.0
+    worst = 1.0
+    for now in range(minutes * 60):
+        demand = {t: min(cores, d) for t, d in demand_at.get(now, {}).items()}
+        demand = {t: demand.get(t, 0.0) for t in tenants}
+        got = weighted_fair(demand, weight, cores)
+        active = [t for t in tenants if demand[t] > 0]
+        for t in active:
+            fair = min(demand[t], cores / len(active))
+            worst = min(worst, got[t] / fair)
+            used[t] += got[t]
+        usage = {t: TenantUsage(64 << 20, used[t]) for t in tenants}
+        policy.observe_memory(float(now), 0, tenants=usage)
+        for d in policy.decide(float(now)):
+            if isinstance(d, SetTenantCpuWeight):
+                weight[d.tenant] = d.weight
+    assert worst >= 0.999, f"a tenant got {worst:.1%} of its equal share"
 
 
 def test_cap_is_never_exceeded_and_overload_is_refused(tmp_path):

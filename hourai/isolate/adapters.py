@@ -160,11 +160,25 @@ class HandlerInvoker(_LoopOwner):
     def startup(self) -> None:
         """Nothing to do: module-level code already ran at import."""
 
-    def _call(self, inv: Invocation) -> Any:
-        event = build_event(inv)
+    def _call(self, inv: Invocation, event: Any = None) -> Any:
+        if event is None:
+            event = build_event(inv)
         if self.takes_context:
             return self.fn(event, LambdaContext(inv, self.memory_limit_mb))
         return self.fn(event)
+
+    def call_event(self, event: Any, inv: Invocation) -> Any:
+        """A direct invocation: ``event`` as the caller gave it; the raw return value."""
+        result = self._call(inv, event)
+        if inspect.isawaitable(result):
+            result = self.loop.run_until_complete(_await(result))
+        return result
+
+    async def call_event_async(self, event: Any, inv: Invocation) -> Any:
+        if self.is_async:
+            result = self._call(inv, event)
+            return await result if inspect.isawaitable(result) else result
+        return await asyncio.get_running_loop().run_in_executor(None, self.call_event, event, inv)
 
     def invoke(self, inv: Invocation) -> Response:
         """One invocation; an async handler runs on this process's loop, one at a time."""

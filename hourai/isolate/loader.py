@@ -18,6 +18,8 @@ Target grammar, tried in this order:
                                       exists in that directory
 ``pkg.module:app`` / ``pkg.module``   a module importable from the current directory
 ``handler.lambda_handler``            Lambda notation relative to the current directory
+``app.py:create_app()``               an application factory (gunicorn's notation; literal
+                                      arguments allowed): called once, in the snapshot
 ====================================  ====================================================
 
 Wherever a MODULE is expected, ``MODULE.ATTR`` is accepted when MODULE is a file and
@@ -28,10 +30,13 @@ imported as part of that package, so its relative imports work.
 
 from __future__ import annotations
 
+import ast
+import dataclasses
 import functools
 import importlib
 import inspect
 import os
+import re
 import sys
 import traceback
 from collections.abc import Callable
@@ -137,8 +142,47 @@ def _check_no_colon(rest: str, spec: str) -> None:
 
 
 def _check_attr(attr: str | None, spec: str) -> None:
-    if attr is not None and not all(part.isidentifier() for part in attr.split(".")):
+    if attr is None:
+        return
+    name, _call = split_call(attr, spec)
+    if not all(part.isidentifier() for part in name.split(".")):
         raise TargetError(f"{attr!r} in {spec!r} is not a Python name; ATTR looks like main or app")
+
+
+_CALL = re.compile(r"(?s)([^()]*)\((.*)\)")
+
+
+Call = tuple[tuple[Any, ...], dict[str, Any]]
+
+
+def split_call(attr: str, spec: str = "") -> tuple[str, Call | None]:
+    """``create_app()`` or ``create_app("prod", debug=False)`` (gunicorn's factory notation):
+    the name and the literal arguments to call it with; a plain name has no call."""
+    m = _CALL.fullmatch(attr.strip())
+    if m is None:
+        return attr, None
+    name, inside = m.group(1).strip(), m.group(2)
+    try:
+        call = ast.parse(f"f({inside})", mode="eval").body
+        assert isinstance(call, ast.Call)
+        args = tuple(ast.literal_eval(a) for a in call.args)
+        kwargs = {k.arg: ast.literal_eval(k.value) for k in call.keywords if k.arg}
+        if len(kwargs) != len(call.keywords):
+            raise ValueError("**kwargs")
+    except (SyntaxError, ValueError, AssertionError):
+        raise TargetError(
+            f"{attr!r} in {spec!r}: a factory's arguments must be literals, "
+            "e.g. create_app() or create_app('production', debug=False)"
+        ) from None
+    return name, (args, kwargs)
+
+
+def as_factory(target: Target) -> Target:
+    """``--factory`` (uvicorn's flag): the attribute is a factory, called once, no arguments."""
+    attr = target.attr or "create_app"
+    if split_call(attr)[1] is None:
+        attr += "()"
+    return dataclasses.replace(target, attr=attr)
 
 
 def _from_path(path: str, shown: str, attr: str | None, spec: str, base: str) -> Target:
@@ -382,14 +426,27 @@ def _traceback_location(tb: TracebackType | None, target: Target) -> str:
 
 def _pick_attr(module: ModuleType, target: Target, file: str) -> tuple[Any, str]:
     if target.attr is not None:
+        name, call = split_call(target.attr)
         obj: Any = module
-        for part in target.attr.split("."):
+        for part in name.split("."):
             try:
                 obj = getattr(obj, part)
             except AttributeError:
+                raise LoadError(f"{file} has no attribute {name!r}{_defines(module)}") from None
+        if call is not None:
+            # An application factory: called once, here in the snapshot; its app is shared
+            # by every worker.
+            args, kwargs = call
+            try:
+                obj = obj(*args, **kwargs)
+            except Exception as exc:
                 raise LoadError(
-                    f"{file} has no attribute {target.attr!r}{_defines(module)}"
+                    f"{file}: the factory {target.attr} raised {type(exc).__name__}: "
+                    f"{_one_line(str(exc))}",
+                    traceback.format_exc(),
                 ) from None
+            if obj is None:
+                raise LoadError(f"{file}: the factory {target.attr} returned None, not an app")
         return obj, target.attr
     for name in AUTO_ATTRS:
         if hasattr(module, name):
@@ -419,6 +476,7 @@ def _defines(module: ModuleType) -> str:
 _ASGI_FRAMEWORKS = ("starlette.", "fastapi.", "quart.", "django.core.handlers.asgi")
 _WSGI_PARAM_NAMES = ({"environ", "env", "environment"}, {"start_response", "start"})
 _HANDLER_PARAM_NAMES = ({"event", "evt", "ev"}, {"context", "ctx", "lambda_context"})
+_HANDLER_NAMES = {"handler", "lambda_handler"}
 
 
 def _signature(obj: Any) -> inspect.Signature | None:
@@ -476,7 +534,16 @@ def _detect_kind(obj: Any, attr: str, file: str) -> str:
         for p in sig.parameters.values()
         if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
     ]
-    takes = {n: _binds(sig, n) for n in (1, 2, 3)}
+    takes = {n: _binds(sig, n) for n in (0, 1, 2, 3)}
+    if takes[0] and attr.split(".")[-1] not in _HANDLER_NAMES:
+        # Nothing it needs: not a handler (an event always comes), most likely an app
+        # factory such as Flask's create_app(test_config=None). Deployed as a handler, every
+        # request would get the factory's return value, or a 500.
+        raise LoadError(
+            f"{file}: {attr!r}{sig} needs no argument, so it is no handler and no app: if it "
+            f"is an application factory, deploy {file}:{attr}() (or pass --factory) and it is "
+            "called once in the snapshot; a handler takes (event, context)"
+        )
     if is_async:
         if takes[3] and not takes[2]:
             return "asgi"

@@ -12,6 +12,7 @@ output, which the daemon logs tagged with the function and worker, so the id fin
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import secrets
 import select
@@ -22,7 +23,9 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from hourai.channel import AsyncChannel, BlockingChannel, ChannelClosed
+from hourai.isolate import direct
 from hourai.isolate.adapters import Invoker, new_event_loop
+from hourai.isolate.tracebacks import user_paths
 
 # A request-shaped message for warm_up: every field the adapters read, nothing of a tenant's.
 _DUMMY = {
@@ -88,7 +91,7 @@ def serve_worker(channel: BlockingChannel, invoker: Invoker, spec: dict[str, Any
 
 def run_invocation(invoker: Invoker, inv: dict[str, Any]) -> dict[str, Any]:
     try:
-        result = invoker.invoke(inv)
+        result = direct.run(invoker, inv) if "event" in inv else invoker.invoke(inv)
     except Exception as exc:
         return error_reply(inv, exc)
     return {
@@ -102,13 +105,26 @@ def run_invocation(invoker: Invoker, inv: dict[str, Any]) -> dict[str, Any]:
 
 def error_reply(inv: dict[str, Any], exc: BaseException) -> dict[str, Any]:
     error_id = secrets.token_hex(6)
-    details = traceback.format_exc()
+    details = user_paths(traceback.format_exc())
     print(
         f"error {error_id} in request {inv.get('request_id', '-')}:\n{details}",
         file=sys.stderr,
         end="",
         flush=True,
     )
+    if "event" in inv:
+        # A direct invocation is answered as Lambda answers it: the error payload, flagged.
+        return {
+            "t": "res",
+            "id": inv["id"],
+            "status": 200,
+            "headers": [
+                *direct.JSON,
+                ["x-amz-function-error", "Unhandled"],
+                ["x-hourai-error-id", error_id],
+            ],
+            "body": json.dumps(direct.error_fields(exc)).encode(),
+        }
     return {
         "t": "err",
         "id": inv["id"],
@@ -130,7 +146,10 @@ def serve_worker_concurrent(sock: socket.socket, invoker: Invoker, concurrency: 
 
     async def handle(inv: dict[str, Any]) -> None:
         try:
-            result = await invoker.invoke_async(inv)
+            if "event" in inv:
+                result = await direct.run_async(invoker, inv)
+            else:
+                result = await invoker.invoke_async(inv)
             reply = {
                 "t": "res",
                 "id": inv["id"],

@@ -216,6 +216,7 @@ class _Request:
 
 class _Worker:
     __slots__ = (
+        "answered",
         "armed",
         "fn",
         "id",
@@ -247,6 +248,9 @@ class _Worker:
         self.lost = False  # its snapshot died: its own death is expected, not a crash
         self.rss: int | None = None
         self.armed: float | None = None
+        # It has answered an invocation: the function starts, so its death is one
+        # invocation's failure, not a crash loop.
+        self.answered = False
 
 
 class _Function:
@@ -308,7 +312,7 @@ class _Function:
         self.queued = 0  # live requests in the queue
         self.inflight = 0
         self.state = BUILDING
-        self.crashes = 0  # consecutive deaths and timeouts without a successful finish
+        self.crashes = 0  # consecutive start crashes (see _crashed) since the function last ran
         self.backoff = backoff  # length of the current (or next) backoff
         self.backoff_until = 0.0
         self.last_error: str | None = None
@@ -317,7 +321,8 @@ class _Function:
         self.rejected: dict[str, int] = {}
         self.kills: dict[str, int] = {}
         self.counters = dict.fromkeys(
-            ("completed", "died", "timeouts", "forks", "fork_failures", "cancelled"), 0
+            ("completed", "died", "oom_kills", "timeouts", "forks", "fork_failures", "cancelled"),
+            0,
         )
 
 
@@ -333,9 +338,14 @@ class Scheduler:
     ``clock`` is the only source of time (the daemon passes ``loop.time``; a simulator its
     own). ``max_host_workers`` caps workers over all functions; when the host is full, a
     request that needs a fork evicts the least recently used idle worker (then a spare) of
-    another function. A function whose workers die or time out ``crash_loop_threshold``
-    times in a row is backed off for ``backoff_initial`` seconds, doubling up to
-    ``backoff_max`` while it keeps failing.
+    another function.
+
+    Only crashes back off: a function that fails to start ``crash_loop_threshold`` times in
+    a row (a fork that fails, a worker that dies before it has answered an invocation, a
+    snapshot rebuild that fails) is refused for ``backoff_initial`` seconds, doubling up to
+    ``backoff_max`` while it keeps failing. What goes wrong inside one invocation of a
+    function that starts (a timeout, an exception, an OOM kill, the death of a worker that
+    has served) is that request's answer (504, 500, 502) and never refuses the next one.
     """
 
     def __init__(
@@ -735,10 +745,9 @@ class Scheduler:
         f = w.fn
         self._release(w, req, now, out)
         f.counters["completed"] += 1
+        w.answered = True
         if w.version == f.version:
-            f.crashes = 0
-            if f.state == TRIAL:
-                self._recovered(f, out)
+            self._ran(f, out)
         if f.queued or (f.state == SERVING and len(f.spare) + f.starting < f.limits.spares):
             self._pump(f, now, out)
         t = req.tenant
@@ -748,22 +757,31 @@ class Scheduler:
             self._serve_starved(now, out)
         return out
 
-    def worker_died(self, worker_id: int, reason: str) -> list[Decision]:
-        """A worker crashed, exited or was OOM-killed: each request it held gets 502.
-        Counts toward the crash loop unless the death was expected (its snapshot died, or
-        it belonged to an old version)."""
+    def worker_died(self, worker_id: int, reason: str, *, oom: bool = False) -> list[Decision]:
+        """A worker crashed or exited (``oom``: the kernel's OOM killer took it): each
+        request it held gets 502.
+
+        Counts toward the crash loop only as a failure to start: a worker of the serving
+        version that dies before it has answered an invocation, of anything but the OOM
+        killer (which picks a process of the tenant's cgroup when the tenant as a whole is
+        over its limit, whichever invocation caused it). Expected deaths (its snapshot died,
+        an old version) never count."""
         w = self._workers.get(worker_id)
         if w is None:
             return []
         now = self._clock()
         out: list[Decision] = []
         f = w.fn
-        counts = self._is_current(w)
+        crashed = self._is_current(w) and not w.answered and not oom
         tenants = self._fail_requests(w, 502, f"worker died: {reason}", out)
         self._forget(w, out)
         f.counters["died"] += 1
-        if counts:
+        if oom:
+            f.counters["oom_kills"] += 1
+        if crashed:
             self._crashed(f, f"worker died: {reason}", now, out)
+        elif self._is_current(w):
+            f.last_error = f"worker died: {reason}"
         self._pump(f, now, out)
         for t in tenants:
             self._unblock(t, now, out)
@@ -1260,7 +1278,8 @@ class Scheduler:
         return not (w.lost or w.retired) and w.version == w.fn.version
 
     def _crashed(self, f: _Function, error: str, now: float, out: list[Decision]) -> None:
-        """A death, timeout, failed fork or failed rebuild of the serving version."""
+        """The serving version failed to start: a failed fork, a worker dead before it
+        answered anything, a failed snapshot rebuild. The only road into backoff."""
         f.last_error = error
         if f.state == TRIAL:
             f.backoff = min(f.backoff * 2, self.backoff_max)
@@ -1286,6 +1305,13 @@ class Scheduler:
     def _end_backoff(self, f: _Function, out: list[Decision]) -> None:
         f.state = TRIAL
         out.append(FunctionState(f.name, "serving", "backoff over: one trial request at a time"))
+
+    def _ran(self, f: _Function, out: list[Decision]) -> None:
+        """A worker of the serving version ran an invocation to its end (an answer, any
+        status, or its timeout): the function starts, whatever it did with the input."""
+        f.crashes = 0
+        if f.state == TRIAL:
+            self._recovered(f, out)
 
     def _recovered(self, f: _Function, out: list[Decision]) -> None:
         f.state = SERVING
@@ -1427,7 +1453,10 @@ class Scheduler:
         f.counters["timeouts"] += len(expired)
         self._kill(w, "timeout", out)
         if counts:
-            self._crashed(f, f"timed out after {expired[0].timeout:g}s", now, out)
+            # It ran the invocation until its deadline: the function starts, it is just slow
+            # (or hung) on that input.
+            f.last_error = f"timed out after {expired[0].timeout:g}s"
+            self._ran(f, out)
         self._pump(f, now, out)
         for t in tenants:
             self._unblock(t, now, out)

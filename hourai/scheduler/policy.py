@@ -98,12 +98,20 @@ class PolicyParams:
     ``decide`` evicts (idle workers first, then idle snapshots) down to ``low_watermark`` x
     budget. ``admit`` evicts just enough to stay within the budget, or refuses.
 
-    Tenant limits: memory.high = the ``memory_high_percentile`` of the tenant's observed working
-    set plus ``memory_high_headroom``, at least ``memory_high_min_bytes`` and never above the
-    declared maximum, recomputed every ``tenant_resize_interval_s`` and changed only when it
-    moves by more than ``resize_hysteresis``. cpu.weight = ``cpu_weight_default`` scaled by the
-    tenant's CPU demand (exponentially averaged with ``cpu_demand_halflife_s``) relative to the
-    mean demand, within [``cpu_weight_min``, ``cpu_weight_max``] (cgroup v2's range is 1-10000).
+    Tenant limits: memory.high = the larger of the ``memory_high_percentile`` of the tenant's
+    observed working set and its latest reading, plus ``memory_high_headroom``; at least
+    ``memory_high_min_bytes`` and never above the declared maximum. It is recomputed every
+    ``tenant_resize_interval_s`` and changed only when it moves by more than
+    ``resize_hysteresis``, except upwards: a reading that eats into half the headroom raises it
+    at the next ``decide``, so the limit never throttles a tenant below what it uses (a deploy
+    adds a snapshot's worth at once, and a history of quiet days says nothing about that).
+
+    cpu.weight is never sized from use. A weight from past use takes a light tenant's share
+    exactly when a busy tenant needs the CPU: measured, a 40 ms call beside a CPU hog took
+    65-96x its time alone with weights 1-2 against 172-425, and 1.4x with equal weights. So every
+    tenant gets ``cpu_weight_default`` (the equal share), or its declared weight when that is
+    higher (capacity reserved for it); the policy never writes a weight below the default
+    (``cpu_demand_halflife_s`` only smooths the demand shown by ``tenant_stats``).
     """
 
     bin_s: float = 60.0
@@ -138,8 +146,6 @@ class PolicyParams:
     tenant_resize_interval_s: float = 30.0
     resize_hysteresis: float = 0.10
     cpu_weight_default: int = 100
-    cpu_weight_min: int = 1
-    cpu_weight_max: int = 10000
     cpu_demand_halflife_s: float = 60.0
 
     def __post_init__(self) -> None:
@@ -159,7 +165,7 @@ class PolicyParams:
             (0 <= self.min_keep_alive_s <= self.max_keep_alive_s, "need min <= max keep-alive"),
             (0 < self.low_watermark <= self.high_watermark <= 1, "need 0 < low <= high <= 1"),
             (0 < self.host_memory_fraction <= 1, "host_memory_fraction must be in (0, 1]"),
-            (1 <= self.cpu_weight_min <= self.cpu_weight_max, "bad cpu weight bounds"),
+            (1 <= self.cpu_weight_default <= 10000, "cpu_weight_default must be in 1..10000"),
         ]
         for ok, message in checks:
             if not ok:
@@ -213,7 +219,7 @@ class SetTenantMemoryHigh:
 
 @dataclass(frozen=True, slots=True)
 class SetTenantCpuWeight:
-    """Write ``weight`` to the tenant cgroup's cpu.weight."""
+    """Write ``weight`` to the tenant cgroup's cpu.weight (never below the default)."""
 
     tenant: str
     weight: int
@@ -493,7 +499,8 @@ class _Fn:
 
 
 class _Tenant:
-    """A tenant's working-set histogram (log-spaced bins, bounded) and CPU demand."""
+    """A tenant's working-set histogram (log-spaced bins, bounded), latest reading, declared
+    limits and CPU demand."""
 
     # 4 bins per doubling from 1 MiB: 19% wide, 96 bins reach 16 TiB.
     BINS_PER_DOUBLING = 4
@@ -501,12 +508,14 @@ class _Tenant:
     MAX_SAMPLES = 2048
 
     __slots__ = (
+        "applied_weight",
         "cpu_at",
         "cpu_last",
+        "current",
         "demand",
         "emitted_high",
-        "emitted_weight",
         "max_bytes",
+        "reserved_weight",
         "samples",
         "ws",
     )
@@ -518,8 +527,12 @@ class _Tenant:
         self.cpu_last: float | None = None
         self.cpu_at = 0.0
         self.demand = 0.0  # cores, exponentially averaged
+        self.current: int | None = None  # latest memory reading
         self.emitted_high: int | None = None
-        self.emitted_weight: int | None = None
+        self.reserved_weight: int | None = None  # declared cpu weight
+        # What the tenant's cgroup has: the declared weight (or the kernel's default) until
+        # the policy writes one.
+        self.applied_weight: int | None = None
 
     def add_memory(self, nbytes: int) -> None:
         ratio = max(nbytes, 1) / MiB
@@ -564,6 +577,7 @@ class KeepAlivePolicy:
         self._set_host_total(None)
         self._tenants: dict[str, _Tenant] = {}
         self._tenants_dirty = False
+        self._tenants_urgent = False  # a memory.high must rise before the next resize
         self._next_resize = -math.inf
         self.counters: dict[str, int] = {
             "decide_calls": 0,
@@ -717,6 +731,9 @@ class KeepAlivePolicy:
                 if t is None:
                     t = self._tenants[name] = _Tenant()
                 t.add_memory(usage.memory_bytes)
+                t.current = max(0, int(usage.memory_bytes))
+                if self._must_rise(t):
+                    self._tenants_urgent = True
                 if t.cpu_last is not None and now > t.cpu_at:
                     rate = max(0.0, usage.cpu_seconds - t.cpu_last) / (now - t.cpu_at)
                     keep = 0.5 ** ((now - t.cpu_at) / half) if half > 0 else 0.0
@@ -724,13 +741,39 @@ class KeepAlivePolicy:
                 t.cpu_last, t.cpu_at = usage.cpu_seconds, now
             self._tenants_dirty = True
 
-    def declare_tenant(self, tenant: str, memory_max_bytes: int | None) -> None:
-        """The tenant's configured memory maximum: memory.high never goes above it."""
+    def declare_tenant(
+        self, tenant: str, memory_max_bytes: int | None, cpu_weight: int | None = None
+    ) -> None:
+        """The tenant's declared limits, just written to its cgroup: memory.high never goes
+        above ``memory_max_bytes``; a ``cpu_weight`` above the default is capacity reserved
+        for it, and stays. The tenant is sized again at the next ``decide`` (a deploy is
+        when its use jumps, and the cgroup may have been rewritten without our memory.high)."""
         t = self._tenants.get(tenant)
         if t is None:
             t = self._tenants[tenant] = _Tenant()
         t.max_bytes = memory_max_bytes
+        t.reserved_weight = cpu_weight
+        t.applied_weight = cpu_weight
+        t.emitted_high = None
         self._tenants_dirty = True
+        self._next_resize = -math.inf
+
+    def tenant_stats(self) -> dict[str, dict[str, Any]]:
+        """What the policy knows of each tenant and what it set, for stats and debugging."""
+        p = self.params
+        return {
+            name: {
+                "memory_bytes": t.current,
+                "working_set_bytes": (
+                    t.percentile_bytes(p.memory_high_percentile) if t.samples else None
+                ),
+                "memory_high": t.emitted_high,
+                "memory_max": t.max_bytes,
+                "cpu_demand_cores": round(t.demand, 3),
+                "cpu_weight": self._cpu_weight(t),
+            }
+            for name, t in sorted(self._tenants.items())
+        }
 
     # --- what subclasses choose ---------------------------------------------------------------
 
@@ -838,6 +881,8 @@ class KeepAlivePolicy:
         until the next event). A shell may call ``decide`` more often; it is then a no-op."""
         if self._pending or self._used > self._high:
             return -math.inf
+        if self._tenants_urgent:
+            return -math.inf
         t = self._timers[0][0] if self._timers else math.inf
         if self._tenants_dirty:
             t = min(t, self._next_resize)
@@ -874,7 +919,11 @@ class KeepAlivePolicy:
         if self._tenants_dirty and now >= self._next_resize:
             self._size_tenants(out)
             self._tenants_dirty = False
+            self._tenants_urgent = False
             self._next_resize = now + self.params.tenant_resize_interval_s
+        elif self._tenants_urgent:
+            self._raise_memory_high(out)
+            self._tenants_urgent = False
         if len(timers) > 4 * len(self._fns) + 64:
             # Stale entries (their function was invoked since) pile up for busy functions.
             self._timers = [e for e in timers if e[2] == e[4].gen]
@@ -1051,6 +1100,14 @@ class KeepAlivePolicy:
             return Admission(True, "within budget")
         plan, freed = self._plan_evictions(over, exclude=st)
         if freed < over:
+            # Each tenant is held to its own part of the budget: a tenant still within an
+            # equal share (and its own limit) is admitted, so one tenant's use cannot get
+            # another's rebuild refused; the kernel's per-tenant limits bound the rest.
+            share = self._tenant_share()
+            mine = self._tenant_used(st.tenant)
+            if share < budget and mine + needed_bytes <= share:
+                self._used += needed_bytes
+                return Admission(True, f"within tenant {st.tenant}'s share of the budget")
             st.history.rejections += 1
             self.counters["rejections"] += 1
             return Admission(
@@ -1058,7 +1115,9 @@ class KeepAlivePolicy:
                 f"memory: {fn} needs {format_size(int(needed_bytes), exact=False)}, "
                 f"{format_size(max(0, self._used), exact=False)} of "
                 f"{format_size(int(budget), exact=False)} in use, only "
-                f"{format_size(max(0, int(freed)), exact=False)} evictable",
+                f"{format_size(max(0, int(freed)), exact=False)} evictable; tenant "
+                f"{st.tenant} uses {format_size(int(mine), exact=False)}, its share is "
+                f"{format_size(int(share), exact=False)}",
             )
         out: list[Decision] = []
         self._apply(plan, out, f"admitting {fn}")
@@ -1066,30 +1125,70 @@ class KeepAlivePolicy:
         self._used += needed_bytes
         return Admission(True, f"evicted {len(out)} to make room", tuple(out))
 
+    def _tenant_used(self, tenant: str) -> int:
+        """What ``tenant`` holds now: its cgroup's last reading (at most its own limit), or
+        what its loaded snapshots and idle workers are known to take, whichever is more."""
+        t = self._tenants.get(tenant)
+        reading = 0
+        if t is not None:
+            reading = min(t.current, t.max_bytes) if t.max_bytes is not None else t.current
+        known = sum(
+            self._snapshot_bytes(st) + st.idle_workers * self._worker_bytes(st)
+            for st in self._fns.values()
+            if st.tenant == tenant and st.loaded
+        )
+        return max(reading, known)
+
+    def _tenant_share(self) -> float:
+        """An equal part of the budget for every tenant that holds memory now (the whole
+        budget while only one does: then the plain budget rule is all there is)."""
+        holding = sum(1 for t in self._tenants.values() if t.current > 0)
+        return self._budget / max(1, holding)
+
     # --- tenant limits ------------------------------------------------------------------------
 
     def _size_tenants(self, out: list[Decision]) -> None:
         p = self.params
-        demands = [t.demand for t in self._tenants.values() if t.demand > 0]
-        mean_demand = sum(demands) / len(demands) if demands else 0.0
         for name in sorted(self._tenants):
             t = self._tenants[name]
             if t.samples:
-                high = int(
-                    t.percentile_bytes(p.memory_high_percentile) * (1 + p.memory_high_headroom)
-                )
-                high = max(high, p.memory_high_min_bytes)
-                if t.max_bytes is not None:
-                    high = min(high, t.max_bytes)
-                if _moved(t.emitted_high, high, p.resize_hysteresis):
+                high = self._memory_high(t)
+                if _moved(t.emitted_high, high, p.resize_hysteresis) or self._must_rise(t):
                     t.emitted_high = high
                     out.append(SetTenantMemoryHigh(name, high))
-            if mean_demand > 0:
-                w = round(p.cpu_weight_default * t.demand / mean_demand)
-                w = max(p.cpu_weight_min, min(p.cpu_weight_max, w))
-                if _moved(t.emitted_weight, w, p.resize_hysteresis):
-                    t.emitted_weight = w
-                    out.append(SetTenantCpuWeight(name, w))
+            weight = self._cpu_weight(t)
+            if weight != (p.cpu_weight_default if t.applied_weight is None else t.applied_weight):
+                t.applied_weight = weight
+                out.append(SetTenantCpuWeight(name, weight))
+
+    def _raise_memory_high(self, out: list[Decision]) -> None:
+        """Between resizes: only the tenants whose use caught up with their memory.high."""
+        for name in sorted(self._tenants):
+            t = self._tenants[name]
+            if self._must_rise(t):
+                t.emitted_high = self._memory_high(t)
+                out.append(SetTenantMemoryHigh(name, t.emitted_high))
+
+    def _memory_high(self, t: _Tenant) -> int:
+        p = self.params
+        seen = max(t.percentile_bytes(p.memory_high_percentile), t.current or 0)
+        high = max(int(seen * (1 + p.memory_high_headroom)), p.memory_high_min_bytes)
+        return high if t.max_bytes is None else min(high, t.max_bytes)
+
+    def _must_rise(self, t: _Tenant) -> bool:
+        """Whether the latest reading has eaten half the headroom under memory.high (when the
+        declared maximum does not already stand there)."""
+        if t.emitted_high is None or t.current is None:
+            return False
+        if t.max_bytes is not None and t.emitted_high >= t.max_bytes:
+            return False
+        return t.current * (1 + self.params.memory_high_headroom / 2) > t.emitted_high
+
+    def _cpu_weight(self, t: _Tenant) -> int:
+        """The equal share, or the reserved weight when that is larger; nothing about past
+        use moves it (see PolicyParams)."""
+        default = self.params.cpu_weight_default
+        return max(default, t.reserved_weight or default)
 
 
 def _moved(old: int | None, new: int, hysteresis: float) -> bool:

@@ -183,9 +183,11 @@ class RootZygote:
         *,
         preloads: Sequence[str] = (),
         output_sink: Callable[[str, str], None],
+        immortalize: bool = True,
     ) -> None:
         self.loop = loop
         self.preloads = list(preloads)
+        self.immortalize = immortalize
         self.output_sink = output_sink
         self.proc: subprocess.Popen[bytes] | None = None
         self.channel: AsyncChannel | None = None
@@ -199,6 +201,8 @@ class RootZygote:
         cmd = [sys.executable, "-m", "hourai.snapshot.zygote", "--channel", str(theirs.fileno())]
         for mod in self.preloads:
             cmd += ["--preload", mod]
+        if not self.immortalize:
+            cmd.append("--mortal")
         # The root zygote inherits the daemon's stdout/stderr: its own messages (a failed
         # preload) belong in the daemon's log.
         self.proc = subprocess.Popen(cmd, pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL)

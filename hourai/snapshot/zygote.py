@@ -32,7 +32,10 @@ from hourai.channel import BlockingChannel, ChannelClosed
 from hourai.isolate import sandbox
 from hourai.isolate.adapters import Invoker, StartupError
 from hourai.isolate.loader import LoadError, Target, load
+from hourai.isolate.tracebacks import show_as, user_paths
 from hourai.isolate.worker import serve_worker, serve_worker_concurrent
+from hourai.packages import importpath
+from hourai.snapshot import immortal
 
 # Tenants' processes go before the daemon (0) when the host runs out of memory. Workers
 # inherit it: after dropping privileges /proc/self is root's and they cannot change it.
@@ -125,9 +128,10 @@ def _readable(channel: BlockingChannel) -> bool:
 
 
 class RootZygote:
-    def __init__(self, channel: BlockingChannel, preloads: list[str]) -> None:
+    def __init__(self, channel: BlockingChannel, preloads: list[str], immortal: bool) -> None:
         self.channel = channel
         self.preloads = preloads
+        self.immortal = immortal
 
     def run(self) -> None:
         sandbox.die_with_parent(os.getppid())
@@ -142,6 +146,8 @@ class RootZygote:
             except Exception as exc:
                 # A missing preload is slower, not broken: say so and go on.
                 print(f"hourai: preload {name!r} failed: {exc}", file=sys.stderr, flush=True)
+        if self.immortal:
+            immortal.immortalize()
         gc.freeze()
         self.reaper = _Reaper()
         self.channel.send({"t": "hello", "pid": os.getpid()})
@@ -213,11 +219,16 @@ class RootZygote:
         # 5. a sandbox of our own (we are pid 1 of a new pid namespace): only our processes
         # in /proc, a private tmpfs behind /tmp and /dev/shm. Without one, orphans of tenant
         # code are still ours to reap and kill as subreaper.
+        packages = spec.get("packages")
         if spec.get("sandbox"):
-            needed = [spec.get("cwd") or "", *sys.path, *sandbox.package_dirs()]
+            needed = [spec.get("cwd") or "", *sys.path, *sandbox.package_dirs(), *(packages or ())]
             sandbox.private_mounts(spec["tmp_size"], uid, gid, keep=needed)
         else:
             sandbox.child_subreaper()
+        # ... and a function that declared its dependencies imports those, the standard
+        # library and hourai: nothing else of the daemon's environment
+        if packages is not None:
+            importpath.isolate(packages)
         # 6. limits, then privileges (the library path first: after setuid we could not
         # open it any more)
         sandbox.set_rlimits(spec.get("rlimits", {}))
@@ -233,6 +244,8 @@ class RootZygote:
         os.environ.update(spec.get("env", {}))
         if spec.get("cwd"):
             os.chdir(spec["cwd"])
+        if packages:
+            importpath.process_pth(packages)  # may run the packages' code: as the tenant
 
 
 # --------------------------------------------------------------------------- snapshot
@@ -247,6 +260,7 @@ class Snapshot:
 
     def run(self) -> None:
         started = time.perf_counter()
+        show_as(self.spec.get("cwd"), self.spec.get("source_root"))
         try:
             target = Target(**self.spec["target"])
             invoker = load(
@@ -254,22 +268,27 @@ class Snapshot:
             )
             invoker.startup()
         except (LoadError, StartupError) as exc:
-            self.channel.send({"t": "failed", "error": str(exc), "details": exc.details})
+            self.channel.send(
+                {"t": "failed", "error": str(exc), "details": user_paths(exc.details)}
+            )
             return
         except Exception as exc:
             self.channel.send(
                 {
                     "t": "failed",
                     "error": f"{type(exc).__name__}: {exc}",
-                    "details": traceback.format_exc(),
+                    "details": user_paths(traceback.format_exc()),
                 }
             )
             return
         self.invoker = invoker
         init_ms = (time.perf_counter() - started) * 1000
         # What the import left behind is shared by every worker: freeze it so their
-        # collections never touch (and so copy) these pages.
+        # collections never touch (and so copy) these pages, and (3.12+) make it immortal so
+        # their reads do not either.
         gc.collect()
+        if self.spec.get("immortalize", True):
+            immortal.immortalize()
         gc.freeze()
         self.reaper = _Reaper()
         self.channel.send(
@@ -396,9 +415,10 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m hourai.snapshot.zygote")
     parser.add_argument("--channel", type=int, required=True)
     parser.add_argument("--preload", action="append", default=[])
+    parser.add_argument("--mortal", action="store_true", help="do not immortalize (3.12+)")
     args = parser.parse_args(argv)
     channel = BlockingChannel(socket.socket(fileno=args.channel))
-    RootZygote(channel, args.preload).run()
+    RootZygote(channel, args.preload, immortal=not args.mortal).run()
 
 
 if __name__ == "__main__":

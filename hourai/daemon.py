@@ -997,6 +997,15 @@ INVOCATION_TYPE_HEADERS = ("x-hourai-invocation-type", "x-amz-invocation-type")
 AcceptEvent = Callable[[str, bytes, str], Awaitable[str]]  # (function, event, source) -> id
 
 
+def _function_error(payload: bytes) -> str:
+    """``errorType: errorMessage`` of Lambda's error payload (the payload itself if not)."""
+    try:
+        doc = json.loads(payload)
+        return f"{doc['errorType']}: {doc['errorMessage']}"
+    except (ValueError, KeyError, TypeError):
+        return payload.decode("utf-8", "replace")[:2000]
+
+
 def http_handler(
     runtime: Runtime, router: Router, accept: AcceptEvent | None = None
 ) -> Callable[[Request], Any]:
@@ -1041,9 +1050,19 @@ async def _accept_async(accept: AcceptEvent, name: str, request: Request) -> Res
 def event_invoker(runtime: Runtime) -> InvokeEvent:
     """The seam the async runner, schedules and triggers invoke functions through.
 
-    Today a function is reached as HTTP: the event becomes ``POST /`` with the event as its
-    JSON body. Direct invocation (the raw event handed to a Lambda handler) replaces this
-    body, and nothing else needs to change."""
+    A handler is invoked directly, with the event exactly as given (Lambda's semantics:
+    what an async caller, EventBridge or an event source mapping hands a Lambda function);
+    its payload is the result, and a function error (``x-amz-function-error``) a failure.
+    An ASGI or WSGI app can only answer HTTP: it gets ``POST /`` with the event as its JSON
+    body, and an error status is a failure."""
+    kinds: dict[str, str] = {}  # detected at build; kept while an evicted snapshot is away
+
+    def kind_of(spec: FunctionSpec) -> str | None:
+        version = runtime.versions.get((spec.name, spec.version))
+        built = version.built if version is not None else None
+        if built is not None and built.done() and not built.cancelled() and not built.exception():
+            kinds[spec.name] = str(built.result().get("kind"))
+        return kinds.get(spec.name) or spec.kind
 
     async def invoke_event(name: str, event: bytes, timeout: float | None) -> Outcome:
         spec = runtime.functions.get(name)
@@ -1053,7 +1072,10 @@ def event_invoker(runtime: Runtime) -> InvokeEvent:
         request = Request(
             "POST", "/", "/", "", headers, event, "1.1", ("127.0.0.1", 0), ("", 0), False
         )
-        response = await runtime.invoke(spec, request, "", "/", timeout)
+        direct = kind_of(spec) == "handler"
+        response = await runtime.invoke(
+            spec, request, "", "/", timeout, event=event if direct else None
+        )
         body = bytes(response.body)
         ran = any(k == "x-hourai-start" for k, _ in response.headers)
         if response.status in (429, 503) and not ran:
@@ -1062,6 +1084,8 @@ def event_invoker(runtime: Runtime) -> InvokeEvent:
         if response.status >= 400:
             what = body.decode("utf-8", "replace").strip()[:2000] or f"status {response.status}"
             return Outcome(response.status, body, what)
+        if any(k == "x-amz-function-error" for k, _ in response.headers):
+            return Outcome(response.status, body, _function_error(body))
         return Outcome(response.status, body)
 
     return invoke_event

@@ -77,8 +77,8 @@ def test_retries_dead_letter_and_destinations(hourai_daemon, tmp_path) -> None:
         doc = client.invocations("job", iid)
         assert doc["status"] == "dead" and doc["attempts"] == 3, doc
         assert doc["condition"] == "RetriesExhausted"
-    # (the error text is what an HTTP caller gets today: the type and message are item 2)
-    assert "raised an exception" in client.invocations("job", bad)["error"]
+    assert client.invocations("job", bad)["error"] == "RuntimeError: failing on purpose: always"
+    assert client.invocations("job", bad)["result"]["errorType"] == "RuntimeError"
 
     # the destination function got Lambda's destination records, one per outcome
     def records() -> list[dict]:  # type: ignore[type-arg]
@@ -94,6 +94,8 @@ def test_retries_dead_letter_and_destinations(hourai_daemon, tmp_path) -> None:
     assert by_id[bad]["requestPayload"] == {"fail": "always"}
     assert by_id[bad]["responseContext"]["functionError"] == "Unhandled"
     assert set(by_id[crash]) >= {"version", "timestamp", "requestContext", "responsePayload"}
+    # a Lambda error payload reaches the destination as the response payload
+    assert by_id[bad]["responsePayload"]["errorMessage"] == "failing on purpose: always"
 
 
 def test_kill_9_loses_nothing_accepted(hourai_daemon, tmp_path) -> None:
@@ -189,3 +191,30 @@ def test_too_old_is_a_dead_letter_with_its_destination(hourai_daemon, tmp_path) 
     wait_until(lambda: len(got()) == 1, timeout=30)
     assert got()[0]["requestContext"]["condition"] == "EventAgeExceeded"
     assert got()[0]["requestPayload"] == {"never": "runs"}
+
+
+def test_boto3_invocation_type_event_is_queued(hourai_daemon, tmp_path) -> None:
+    import pytest
+
+    boto3 = pytest.importorskip("boto3", reason="boto3 is a test dependency")
+    from botocore.config import Config
+
+    d = hourai_daemon('lambda_listen = "127.0.0.1:0"\n' + NO_SPARES)
+    d.cli("deploy", "job", _function(tmp_path, "job"))
+    url = d.wait_for(r"Lambda Invoke API at (http://[\d.:]+)").group(1)
+    client = boto3.client(
+        "lambda",
+        endpoint_url=url,
+        region_name="us-east-1",
+        aws_access_key_id="x",
+        aws_secret_access_key="x",
+        config=Config(retries={"max_attempts": 1}),
+    )
+    reply = client.invoke(FunctionName="job", InvocationType="Event", Payload=b'{"via": "boto3"}')
+    assert reply["StatusCode"] == 202
+    iid = reply["ResponseMetadata"]["HTTPHeaders"]["x-amzn-requestid"]
+    hourai = Client(d.socket)
+    wait_until(lambda: _done(hourai, "job", [iid]), timeout=30)
+    doc = hourai.invocations("job", iid)
+    assert doc["status"] == "succeeded" and doc["source"] == "lambda-api"
+    assert doc["result"]["got"] == {"via": "boto3"}  # handed over directly, as written

@@ -301,4 +301,3 @@ def test_a_vanished_tenant_group_is_recreated_and_reported(hourai_daemon) -> Non
     assert status == 200 and doc["problems"] == []
     pids_max = Path(next(p for p in backend.subtree_dirs() if "/pids/" in p), "gone", "pids.max")
     assert pids_max.read_text().strip() == "50"
-

@@ -6,8 +6,8 @@ import time
 
 
 def handler(event, context):
-    body = event.get("body") or "{}"
-    ev = json.loads(body)
+    # invoked directly, the event is as the caller gave it; over HTTP, the body is
+    ev = json.loads(event["body"] or "{}") if "rawPath" in event else event
     if isinstance(ev, dict):
         if ev.get("sleep"):
             time.sleep(ev["sleep"])

@@ -453,6 +453,8 @@ class Config:
     deploy_timeout: float = 120.0
     ready_timeout: float = 300.0
     keep_versions: int = 10
+    async_retention: float = 86400.0
+    dead_letter_retention: float = 14 * 86400.0
     log: LogConfig = field(default_factory=LogConfig)
     packages: PackagesConfig = field(default_factory=PackagesConfig)
     defaults: Mapping[str, Any] = field(default_factory=dict)
@@ -500,6 +502,8 @@ TOP_KEYS: dict[str, tuple[Callable[[Any], Any], str]] = {
     "deploy_timeout": (_float(), "seconds a snapshot may take to build before a deploy fails"),
     "ready_timeout": (_float(), "seconds start may spend restoring before reporting ready"),
     "keep_versions": (_int(1), "versions of each function kept for rollback"),
+    "async_retention": (_float(), "seconds results of async invocations are kept"),
+    "dead_letter_retention": (_float(), "seconds dead-lettered async invocations are kept"),
 }
 LOG_KEYS: dict[str, tuple[Callable[[Any], Any], str]] = {
     "format": (_choice("text", "json"), "daemon log format"),

@@ -198,7 +198,12 @@ class Daemon:
         except (RuntimeError, CgroupError) as exc:
             raise StartError(str(exc)) from None
         await self._collect_garbage()
-        self.invocations = Invocations(config.state_dir, event_invoker(self.runtime))
+        self.invocations = Invocations(
+            config.state_dir,
+            event_invoker(self.runtime),
+            retention=config.async_retention,
+            dead_retention=config.dead_letter_retention,
+        )
         try:
             await self.invocations.open()
         except (QueueError, OSError) as exc:
@@ -1170,6 +1175,9 @@ class Daemon:
             self.router.domain = Router({}, domain=new.domain).domain
         if new.packages != old.packages:
             self.runtime.packages.installer.settings = _index_settings(new)
+        if self.invocations is not None:
+            self.invocations.retention = new.async_retention
+            self.invocations.dead_retention = new.dead_letter_retention
         if self.runtime.resources is not None and new.memory_budget != old.memory_budget:
             self.runtime.resources.policy.set_memory_budget(new.memory_budget)
         if (new.tenant_defaults, new.tenants) != (old.tenant_defaults, old.tenants):

@@ -89,6 +89,7 @@ def add_daemon_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore
     p.add_argument("--max-inflight", type=int, metavar="N", help="concurrent invocations")
     p.add_argument("--max-requests", type=int, metavar="N", help="recycle after N invocations")
     p.add_argument("--worker-memory", metavar="SIZE", help="recycle a worker above SIZE")
+    p.add_argument("--max-response-size", metavar="SIZE", help="largest response body (default 6M)")
     p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--env-file", action="append", default=[], metavar="FILE")
     p.set_defaults(func=cmd_deploy)
@@ -227,6 +228,7 @@ def cmd_deploy(args: argparse.Namespace) -> int:
         "max_inflight": args.max_inflight,
         "max_requests": args.max_requests,
         "worker_memory": args.worker_memory,
+        "max_response_size": args.max_response_size,
         "env": env or None,
     }
     options = {k: v for k, v in options.items() if v is not None}

@@ -133,6 +133,9 @@ class FunctionLogs(Observer):
     def function_output(self, function: str, tag: str, line: str) -> None:
         self.write(function, f"{_stamp(time.time())} [{tag}] {line}\n")
 
+    def function_verdict(self, function: str, message: str) -> None:
+        self.event(function, message)
+
     def event(self, function: str, message: str) -> None:
         """What the daemon has to say about a function, in the function's own log."""
         stamp = _stamp(time.time())

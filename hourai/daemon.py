@@ -61,6 +61,7 @@ from hourai.snapshot.manager import (
     SnapshotFailed,
     SnapshotHandle,
     WorkerEvents,
+    function_of,
     kill_pid,
 )
 from hourai.tenants import DEFAULT_UID_RANGE, TenantDirectory
@@ -101,8 +102,13 @@ class Observer:
         pass
 
     def function_verdict(self, function: str, message: str) -> None:
-        """What the daemon decided about one of the function's workers or requests (a kill
-        for breaking the channel protocol): it belongs in that function's log."""
+        """What the daemon decided about one of the function's workers or requests (killed
+        for breaking the protocol, timed out, died and why): it belongs in that function's
+        log, so its owner can read the whole story there."""
+
+    # An observer that keeps function output (the per-function log files) says so; without
+    # one (`hourai run`, a terminal) the output is copied into the daemon's own log instead.
+    keeps_function_output = False
 
 
 @dataclass
@@ -663,6 +669,7 @@ class Runtime:
         worker.killed = True
         reason = self.death_reason(worker)
         log.warning("%s#%d %s", worker.function, worker.pid, reason)
+        self._verdict(worker.function, f"worker {worker.pid}: {reason}")
         self._forget_worker(worker)
         self._apply(self.scheduler.worker_died(worker.wid, reason))
 
@@ -702,11 +709,16 @@ class Runtime:
             self._forget_worker(worker)
 
     def _function_output(self, tag: str, line: str) -> None:
-        function_log.info("[%s] %s", tag, line)
-        if self.observers:
-            function = tag.split("#", 1)[0].split("/", 1)[0]
-            for observer in self.observers:
-                observer.function_output(function, tag, line)
+        """One line a function printed (already held to its output budget by the reader).
+        It goes to the function's own log; the daemon's log gets a copy only when nothing
+        keeps function logs (`hourai run`, where the terminal is the function's log)."""
+        kept = False
+        function = function_of(tag)
+        for observer in self.observers:
+            observer.function_output(function, tag, line)
+            kept = kept or observer.keeps_function_output
+        if not kept:
+            function_log.info("[%s] %s", tag, line)
 
     def _verdict(self, function: str, message: str) -> None:
         for observer in self.observers:
@@ -747,6 +759,8 @@ class Runtime:
                 if pending is not None:
                     if pending.wid is not None and pending.wid in self.workers:
                         self.workers[pending.wid].inflight.pop(pending.rid, None)
+                    if d.status == 504:
+                        self._verdict(pending.spec.name, f"request {d.request_id}: {d.reason}")
                     self._answer(
                         pending,
                         error_response(d.status, d.reason, [("x-hourai-start", pending.start)]),

@@ -1,7 +1,8 @@
-"""Workers are untrusted: a real daemon against a function that writes its own frames on its
-channel and answers too much. What the user sees: the 502 naming what was wrong, a neighbour
-tenant that keeps serving, a daemon whose memory stays put, and `hourai logs NAME` saying
-which worker was killed and why.
+"""Workers are untrusted, and a function's output is the function's: a real daemon against a
+function that writes its own frames on its channel, answers too much, prints too much, and
+one that times out and dies. What the user sees: the 502 naming what was wrong, a neighbour
+tenant that keeps serving, a daemon whose memory stays put and whose own log carries none of
+the function's output, and `hourai logs NAME` telling the whole story.
 
 Every test starts its own daemon (the ``hourai_daemon`` fixture) and stops it by pid.
 """
@@ -168,3 +169,41 @@ def test_max_response_size_is_a_function_option(hourai_daemon) -> None:
     just_over = d.get("/hostile/big?mb=0.3")
     assert just_over.status == 502
     assert b"response of 307.2 KiB is over max_response_size (300 KiB)" in just_over.body
+
+
+def test_output_is_held_to_a_budget_and_kept_out_of_the_daemons_log(hourai_daemon) -> None:
+    d = hourai_daemon(NO_SPARES)
+    _two_tenants(d)
+    with _victim_traffic(d) as victim:
+        assert d.get("/hostile/print?mb=50", timeout=60).body == b"printed"
+        assert d.get("/hostile/print-line?mb=20", timeout=60).body == b"printed"
+    assert set(victim) == {200}
+    wait_until(lambda: "dropped" in _log(d, "hostile"), timeout=20)
+    wait_until(lambda: "more of this line cut" in _log(d, "hostile"), timeout=20)
+    text = _log(d, "hostile")
+    notice = next(line for line in text.splitlines() if "dropped" in line)
+    assert "lines (" in notice and "hostile printed more than its output limit" in notice
+    cut = next(line for line in text.splitlines() if "more of this line cut" in line)
+    assert len(cut) < 20_000 and "(20.0 MiB more of this line cut)" in cut
+    kept = sum(p.stat().st_size for p in (d.state / "logs").glob("hostile.log*"))
+    assert kept < 8 << 20
+    # 50 MB printed became 60 MB of the daemon's log before; now none of it is there
+    assert "yyyyyyyy" not in d.log and "zzzzzzzz" not in d.log
+    assert len(d.log) < 1 << 20
+
+
+def test_the_functions_log_tells_of_timeouts_deaths_and_backoff(hourai_daemon) -> None:
+    d = hourai_daemon(NO_SPARES)
+    d.cli("deploy", "b", BEHAVE, "--timeout", "1")
+    assert d.get("/b/sleep?s=5").status == 504
+    assert d.get("/b/exit").status == 502
+    statuses = [d.get("/b/kill").status for _ in range(5)]
+    assert statuses[0] == 502 and 503 in statuses  # killed, then crash-looping
+    wait_until(lambda: "backoff:" in _log(d, "b"))
+    text = _log(d, "b")
+    assert "[hourai] request " in text and "function timed out after 1s" in text
+    assert "worker of b exited with status 3" in text
+    assert "worker of b killed by SIGKILL" in text
+    assert "[hourai] backoff: " in text
+    # what a user reads first: the last lines of `hourai logs b`
+    assert "backoff" in d.cli("logs", "b").stdout

@@ -165,6 +165,9 @@ FUNCTION_OPTIONS: dict[str, Option] = {
     "queue_timeout": Option(_float(), 10.0, "seconds a request may wait for a worker; then 503"),
     "max_requests": Option(_int(0), 0, "recycle a worker after N invocations (0: never)"),
     "worker_memory": Option(_size, None, "recycle a worker whose resident memory passes SIZE"),
+    "max_response_size": Option(
+        _size, 6 * 1024 * 1024, "largest response body (SIZE); a larger one is refused with 502"
+    ),
     "rate": Option(_float(), None, "token-bucket rate limit in requests per second; beyond it 429"),
     "burst": Option(_int(1), None, "token-bucket size (unset: the rate rounded up)"),
     "min_warm": Option(
@@ -249,6 +252,7 @@ def effective_limits(defaults: Mapping[str, Any], options: Mapping[str, Any]) ->
             spares=spares,
             max_requests=merged["max_requests"],
             max_worker_memory=merged["worker_memory"],
+            max_response_size=merged["max_response_size"],
             rate=merged["rate"],
             burst=merged["burst"],
             tmp_size=merged["tmp_size"],

@@ -152,6 +152,47 @@ def check_worker_reply(msg: Message, max_body: int) -> None:
         raise Violation(f"unexpected {t!r:.40} frame from a worker (it may send res or err)")
 
 
+# What a function's snapshot may tell the daemon: frame type -> (its fields, fds it carries).
+# The snapshot runs the tenant's module-level code, which can reach this channel too.
+_SNAPSHOT_FRAMES: dict[str, tuple[tuple[str, ...], int]] = {
+    "forked": (("t", "wid", "pid"), 3),  # the worker's channel, output pipe, pidfd
+    "exited": (("t", "pid", "code", "signal", "wid"), 0),
+    "fork_failed": (("t", "wid", "error"), 0),
+    "ready": (("t", "kind", "attr", "init_ms", "pid"), 0),
+    "failed": (("t", "error", "details"), 0),
+}
+SNAPSHOT_FRAME_MAX = 1024 * 1024
+MAX_SNAPSHOT_DETAILS = 64 * 1024  # a refused deploy's traceback: enough to read, bounded
+
+
+def check_snapshot_message(msg: Message, nfds: int) -> None:
+    """Raise :class:`Violation` unless ``msg`` is a frame a snapshot may send."""
+    t = msg["t"]
+    expected = _SNAPSHOT_FRAMES.get(t) if type(t) is str else None
+    if expected is None:
+        raise Violation(f"unexpected {t!r:.40} frame from a snapshot")
+    fields, fds = expected
+    given = len(msg) - ("nfds" in msg)  # the channel's own count of the fds that came along
+    if given != len(fields) or any(k not in msg for k in fields):
+        _fields({k: v for k, v in msg.items() if k != "nfds"}, fields)
+    if nfds != fds:
+        raise Violation(f"{t} frame: carries {nfds} fds, not {fds}")
+    for key in ("wid", "pid"):
+        if key in msg and (type(msg[key]) is not int or msg[key] < 0):
+            raise Violation(f"{t} frame: {key} must be a non-negative integer")
+    for key in ("code", "signal"):
+        if key in msg and msg[key] is not None and type(msg[key]) is not int:
+            raise Violation(f"{t} frame: {key} must be an integer or nil")
+    if t == "ready":
+        if msg["kind"] not in ("handler", "asgi", "wsgi") or type(msg["attr"]) is not str:
+            raise Violation("ready frame: kind must be handler, asgi or wsgi; attr a string")
+        if type(msg["init_ms"]) not in (int, float) or len(msg["attr"]) > 1000:
+            raise Violation("ready frame: init_ms must be a number, attr at most 1000 chars")
+    for key, bound in (("error", MAX_ERROR_TEXT), ("details", MAX_SNAPSHOT_DETAILS)):
+        if key in msg and (type(msg[key]) is not str or len(msg[key]) > bound):
+            raise Violation(f"{t} frame: {key} must be a string of at most {bound} characters")
+
+
 def _fields(msg: Message, expected: tuple[str, ...]) -> None:
     missing = [k for k in expected if k not in msg]
     extra = sorted(repr(k)[:40] for k in msg if k not in expected)[:5]

@@ -3,6 +3,7 @@ worker reply checked field by field, and the size bounds enforced before bufferi
 
 from __future__ import annotations
 
+import re
 import struct
 
 import msgpack
@@ -14,11 +15,13 @@ from hourai.protocol import (
     MAX_ERROR_TEXT,
     MAX_FRAME,
     MAX_RESPONSE_HEADERS,
+    MAX_SNAPSHOT_DETAILS,
     FrameDecoder,
     FrameTooLarge,
     ProtocolError,
     ResponseTooLarge,
     Violation,
+    check_snapshot_message,
     check_worker_reply,
     encode,
     response_frame_limit,
@@ -294,3 +297,55 @@ def test_frames_behind_a_refused_one_are_never_decoded() -> None:
     decoder.push(good + junk * 1000)
     assert decoder.next() == {"t": "res", "id": 1}
     assert decoder.pending == len(junk) * 1000  # still undecoded, dropped with the channel
+
+
+# --- what a snapshot may send ------------------------------------------------------------------
+
+
+_SNAPSHOT_OK = [
+    ({"t": "forked", "wid": 3, "pid": 2, "nfds": 3}, 3),
+    ({"t": "exited", "pid": 2, "code": None, "signal": 9, "wid": 3}, 0),
+    ({"t": "fork_failed", "wid": 3, "error": "fork: Resource temporarily unavailable"}, 0),
+    ({"t": "ready", "kind": "wsgi", "attr": "app", "init_ms": 12.5, "pid": 1}, 0),
+    ({"t": "failed", "error": "SyntaxError", "details": "Traceback ..."}, 0),
+]
+
+
+@pytest.mark.parametrize(("msg", "nfds"), _SNAPSHOT_OK)
+def test_what_a_snapshot_sends_passes(msg, nfds) -> None:  # type: ignore[no-untyped-def]
+    check_snapshot_message(msg, nfds)
+
+
+@pytest.mark.parametrize(
+    ("msg", "nfds", "says"),
+    [
+        ({"t": "inv", "id": 1}, 0, "unexpected 'inv' frame"),
+        ({"t": "forked", "wid": 3, "pid": 2}, 0, "carries 0 fds, not 3"),
+        ({"t": "forked", "wid": "3", "pid": 2, "nfds": 3}, 3, "wid must be"),
+        ({"t": "exited", "pid": 2, "code": "x", "signal": None, "wid": 1}, 0, "code must be"),
+        ({"t": "ready", "kind": "evil", "attr": "a", "init_ms": 1, "pid": 1}, 0, "kind must"),
+        ({"t": "ready", "kind": "wsgi", "attr": "a", "init_ms": 1}, 0, "missing pid"),
+        (
+            {"t": "failed", "error": "e", "details": "x" * (MAX_SNAPSHOT_DETAILS + 1)},
+            0,
+            "details must be a string of at most",
+        ),
+        ({"t": "fork_failed", "wid": 1, "error": "e", "extra": 1}, 0, "unknown 'extra'"),
+    ],
+)
+def test_what_a_snapshot_must_not_send_is_a_violation(msg, nfds, says) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(Violation, match=re.escape(says)):
+        check_snapshot_message(msg, nfds)
+
+
+_KEYS = st.sampled_from(["t", "wid", "pid", "code", "kind", "x"])
+_VALUES = st.integers() | st.text(max_size=5) | st.none()
+
+
+@given(st.dictionaries(_KEYS, _VALUES, max_size=6), st.integers(0, 4))
+def test_any_snapshot_frame_is_accepted_or_refused_never_crashes(msg, nfds) -> None:  # type: ignore[no-untyped-def]
+    msg.setdefault("t", "ready")
+    try:
+        check_snapshot_message(msg, nfds)
+    except Violation:
+        pass

@@ -207,3 +207,18 @@ def test_the_functions_log_tells_of_timeouts_deaths_and_backoff(hourai_daemon) -
     assert "[hourai] backoff: " in text
     # what a user reads first: the last lines of `hourai logs b`
     assert "backoff" in d.cli("logs", "b").stdout
+
+
+def test_a_snapshot_that_writes_its_own_frames_is_killed_and_refused(hourai_daemon) -> None:
+    """Module-level code runs in the snapshot and can reach its channel to the daemon."""
+    d = hourai_daemon("[defaults]\nspares = 0\n")
+    d.cli("deploy", "calm", str(FUNCTIONS / "behave.py"))
+    refused = d.cli("deploy", "forger", str(FUNCTIONS / "hostile_snapshot.py"), check=False)
+    assert refused.returncode != 0
+    assert "broke the channel protocol" in refused.stderr and "kind must be" in refused.stderr
+    # nothing of it is left (the root zygote has calm's snapshot only), the daemon serves on
+    (root_zygote,) = psutil.Process(d.proc.pid).children()
+    wait_until(
+        lambda: len([p for p in root_zygote.children() if p.status() != "zombie"]) == 1
+    )
+    assert d.get("/calm/pid").status == 200

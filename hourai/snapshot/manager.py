@@ -21,7 +21,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from hourai.channel import AsyncChannel
-from hourai.protocol import Message
+from hourai.protocol import (
+    SNAPSHOT_FRAME_MAX,
+    Message,
+    Violation,
+    check_snapshot_message,
+)
 from hourai.units import format_size
 
 log = logging.getLogger("hourai.snapshot")
@@ -304,8 +309,14 @@ class SnapshotHandle:
             except ProcessLookupError:
                 pass
 
-    # -- messages from the snapshot process
+    # -- messages from the snapshot process (which runs tenant code: checked, never trusted)
     def _on_message(self, msg: Message, fds: list[int]) -> None:
+        try:
+            check_snapshot_message(msg, len(fds))
+        except Violation:
+            for fd in fds:
+                os.close(fd)
+            raise  # the channel closes on it; _on_close kills the snapshot
         kind = msg["t"]
         if kind == "forked":
             chan_fd, out_fd, pidfd = fds
@@ -331,6 +342,12 @@ class SnapshotHandle:
             log.warning("snapshot %s sent unknown message %r", self.fid, kind)
 
     def _on_close(self, reason: str) -> None:
+        error = self.channel.error if self.channel is not None else None
+        if error is not None:
+            log.warning("snapshot %s broke the channel protocol (%s): killed", self.fid, error)
+            self.kill()
+            self.stopping = False  # lost, not stopped: it is rebuilt on demand
+            reason = f"it broke the channel protocol: {error}"
         if not self.ready.done():
             self.ready.set_exception(
                 SnapshotFailed(f"snapshot process ended during start ({reason})")
@@ -409,7 +426,12 @@ class RootZygote:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         out_r, out_w = os.pipe()
         handle.channel = AsyncChannel(
-            self.loop, ours, handle._on_message, handle._on_close, with_fds=True
+            self.loop,
+            ours,
+            handle._on_message,
+            handle._on_close,
+            with_fds=True,
+            max_frame=SNAPSHOT_FRAME_MAX,
         )
         handle.output = OutputReader(self.loop, out_r, tag, self.output_sink)
         self._by_fid[fid] = handle

@@ -401,6 +401,7 @@ class Config:
     socket_group: str = ""
     metrics_listen: Address | None = None
     lambda_listen: Address | None = None
+    show_errors: bool = True
     cgroup_backend: str = "auto"
     cgroup_subtree: str = "hourai"
     uid_range: tuple[int, int] = DEFAULT_UID_RANGE
@@ -448,6 +449,7 @@ TOP_KEYS: dict[str, tuple[Callable[[Any], Any], str]] = {
     "socket_group": (_group, "group allowed to use the control socket"),
     "metrics_listen": (_optional_address, "extra TCP address serving /metrics and /healthz"),
     "lambda_listen": (_optional_address, "TCP address serving the Lambda Invoke API"),
+    "show_errors": (_bool, "a function's 500 names the exception's type and message"),
     "cgroup_backend": (_choice("auto", "v2", "v1", "none"), "cgroup backend"),
     "cgroup_subtree": (_subtree, "directory under the daemon's cgroup that holds tenant groups"),
     "uid_range": (_uid_range, "uids given to tenants when running as root"),

@@ -142,6 +142,9 @@ class RuntimeSettings:
     tenant_config: dict[str, dict[str, Any]] = field(default_factory=dict)  # field -> value
     separate_uids: bool | None = None  # None: when running as root
     worker_nofile: int = 1024
+    # A 500 says the exception's type and message (False: only the error id, for callers
+    # who must not see a function's internals).
+    show_errors: bool = True
     # Python 3.12+: make the zygotes' and snapshots' objects immortal before they fork, so
     # workers reading them copy no pages (hourai.snapshot.immortal); off only to measure it.
     immortalize: bool = True
@@ -806,9 +809,11 @@ class Runtime:
                 msg["error"],
                 msg["error_id"],
             )
+            what = msg["error"][:500] if self.settings.show_errors else "an exception"
             response = error_response(
                 500,
-                f"function {spec.name} raised an exception (error id {msg['error_id']})",
+                f"function {spec.name} raised {what} (error id {msg['error_id']}; the "
+                f"traceback is in hourai logs {spec.name})",
                 [
                     ("x-hourai-start", pending.start),
                     ("x-hourai-error-id", msg["error_id"]),

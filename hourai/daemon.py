@@ -285,8 +285,10 @@ class Runtime:
         await self.zygote.start()
         self._zygote_started = self.loop.time()
         if self.resources is not None:
-            self._spawn(self.resources.run(), "adaptive policy")
-        self._spawn(self._watch_worker_memory(), "worker memory watch")
+            self._spawn(self._supervise(self.resources.run, "adaptive policy"), "policy")
+        self._spawn(
+            self._supervise(self._watch_worker_memory, "worker memory watch"), "memory watch"
+        )
 
     async def stop(self) -> None:
         if self._timer is not None:
@@ -358,6 +360,23 @@ class Runtime:
                 log.error("%s failed", what, exc_info=t.exception())
 
         task.add_done_callback(done)
+
+    async def _supervise(self, loop_body: Callable[[], Any], what: str) -> None:
+        """Run a loop the runtime depends on for as long as the runtime runs: one that
+        fails is logged and started again, after a delay that doubles while it keeps
+        failing soon after its start."""
+        delay = 0.5
+        while True:
+            started = self.loop.time()
+            try:
+                await loop_body()
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("%s failed; restarting it in %.1fs", what, delay)
+            delay = 0.5 if self.loop.time() - started > 60 else min(delay * 2, 60.0)
+            await asyncio.sleep(delay)
 
     def _new_zygote(self) -> RootZygote:
         zygote = RootZygote(

@@ -16,7 +16,7 @@ from pathlib import Path
 from bench.common import BenchContext, machine_facts
 
 # The order of a full run; `simulate` needs no running daemon, the others start their own.
-PARTS = ("coldstart", "warm", "burst", "density", "isolation", "simulate", "pages")
+PARTS = ("coldstart", "warm", "burst", "density", "isolation", "hostile", "simulate", "pages")
 
 
 def main(argv: list[str] | None = None) -> int:

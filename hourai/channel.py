@@ -15,7 +15,7 @@ import socket
 from collections import deque
 from collections.abc import Callable, Sequence
 
-from hourai.protocol import FrameDecoder, Message, ProtocolError, encode
+from hourai.protocol import MAX_FRAME, FrameDecoder, Message, ProtocolError, Violation, encode
 
 _RECV_BYTES = 256 * 1024
 _READ_BYTES = _RECV_BYTES
@@ -94,7 +94,12 @@ class AsyncChannel:
     """The daemon end of any channel (zygote, snapshot or worker), driven by loop readers.
 
     Messages (and the fds they declare) go to ``on_message``; ``on_close`` is called once,
-    with the reason, when the peer goes away or breaks the protocol.
+    with the reason, when the peer goes away or breaks the protocol (then ``error`` holds
+    the :class:`ProtocolError`). ``max_frame`` bounds what the peer may send in one frame.
+
+    Each readable event reads at most one chunk and decodes frame by frame, stopping as soon
+    as the channel is closed, so a peer that floods pays with its own frames being dropped,
+    not with the daemon decoding them.
     """
 
     __slots__ = (
@@ -104,6 +109,7 @@ class AsyncChannel:
         "_loop",
         "_out",
         "_with_fds",
+        "error",
         "on_close",
         "on_message",
         "sock",
@@ -117,13 +123,15 @@ class AsyncChannel:
         on_close: Callable[[str], None],
         *,
         with_fds: bool = False,
+        max_frame: int = MAX_FRAME,
     ) -> None:
         sock.setblocking(False)
         self.sock = sock
         self.on_message = on_message
         self.on_close = on_close
+        self.error: ProtocolError | None = None
         self._loop = loop
-        self._decoder = FrameDecoder()
+        self._decoder = FrameDecoder(max_frame)
         self._fds: deque[int] = deque()
         self._out: deque[tuple[bytes, list[int]]] = deque()
         self._with_fds = with_fds
@@ -133,6 +141,14 @@ class AsyncChannel:
     @property
     def closed(self) -> bool:
         return self._closed
+
+    @property
+    def max_frame(self) -> int:
+        return self._decoder.max_frame
+
+    @max_frame.setter
+    def max_frame(self, limit: int) -> None:
+        self._decoder.max_frame = limit
 
     def send(self, msg: Message, fds: Sequence[int] = ()) -> None:
         """Send a frame; the caller may close `fds` as soon as this returns (a frame that has
@@ -198,17 +214,36 @@ class AsyncChannel:
         if not data:
             self.close("closed by peer")
             return
+        decoder = self._decoder
         try:
-            messages = self._decoder.feed(data)
+            decoder.push(data)
         except ProtocolError as exc:
-            self.close(f"protocol error: {exc}")
+            self._broken(exc)
             return
-        for msg in messages:
-            nfds = msg.get("nfds", 0)
-            fds = [self._fds.popleft() for _ in range(min(nfds, len(self._fds)))]
-            self.on_message(msg, fds)
-            if self._closed:
+        while not self._closed:
+            try:
+                msg = decoder.next()
+            except ProtocolError as exc:
+                self._broken(exc)
                 return
+            if msg is None:
+                return
+            fds: list[int] = []
+            if self._fds:
+                nfds = msg.get("nfds", 0)
+                if type(nfds) is not int:
+                    self._broken(ProtocolError(f"{msg['t']!r:.40} frame: nfds is not an integer"))
+                    return
+                fds = [self._fds.popleft() for _ in range(min(nfds, len(self._fds)))]
+            try:
+                self.on_message(msg, fds)
+            except Violation as exc:  # the owner found the message itself unacceptable
+                self._broken(exc)
+                return
+
+    def _broken(self, exc: ProtocolError) -> None:
+        self.error = exc
+        self.close(f"protocol error: {exc}")
 
     def close(self, reason: str = "closed") -> None:
         if self._closed:

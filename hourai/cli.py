@@ -193,6 +193,12 @@ def add_run_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[typ
         help="recycle a worker once its resident memory passes SIZE, e.g. 256M",
     )
     p.add_argument(
+        "--max-response-size",
+        default="6M",
+        metavar="SIZE",
+        help="largest response body; a larger one is refused with 502 (default 6M)",
+    )
+    p.add_argument(
         "--tenant", default="default", help="tenant the function runs as (default: default)"
     )
     p.add_argument(
@@ -255,6 +261,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             queue_timeout=args.queue_timeout,
             max_worker_memory=parse_size_arg("--worker-memory", args.worker_memory),
             tmp_size=parse_size_arg("--tmp-size", args.tmp_size) or FunctionLimits.tmp_size,
+            max_response_size=parse_size_arg("--max-response-size", args.max_response_size) or 0,
         )
     except ValueError as exc:
         raise UsageError(str(exc)) from None

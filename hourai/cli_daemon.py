@@ -95,6 +95,7 @@ def add_daemon_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore
     p.add_argument("--max-requests", type=int, metavar="N", help="recycle after N invocations")
     p.add_argument("--worker-memory", metavar="SIZE", help="recycle a worker above SIZE")
     p.add_argument("--tmp-size", metavar="SIZE", help="the function's private /tmp (512M)")
+    p.add_argument("--max-response-size", metavar="SIZE", help="largest response body (default 6M)")
     p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--env-file", action="append", default=[], metavar="FILE")
     p.add_argument(
@@ -268,6 +269,7 @@ def cmd_deploy(args: argparse.Namespace) -> int:
         "worker_memory": args.worker_memory,
         "tmp_size": args.tmp_size,
         "factory": True if args.factory else None,
+        "max_response_size": args.max_response_size,
         "env": env or None,
         "schedule": args.schedule,
         "async_retries": args.async_retries,

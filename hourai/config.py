@@ -193,6 +193,9 @@ FUNCTION_OPTIONS: dict[str, Option] = {
     "queue_timeout": Option(_float(), 10.0, "seconds a request may wait for a worker; then 503"),
     "max_requests": Option(_int(0), 0, "recycle a worker after N invocations (0: never)"),
     "worker_memory": Option(_size, None, "recycle a worker whose resident memory passes SIZE"),
+    "max_response_size": Option(
+        _size, 6 * 1024 * 1024, "largest response body (SIZE); a larger one is refused with 502"
+    ),
     "rate": Option(_float(), None, "token-bucket rate limit in requests per second; beyond it 429"),
     "burst": Option(_int(1), None, "token-bucket size (unset: the rate rounded up)"),
     "min_warm": Option(
@@ -294,6 +297,7 @@ def effective_limits(defaults: Mapping[str, Any], options: Mapping[str, Any]) ->
             spares=spares,
             max_requests=merged["max_requests"],
             max_worker_memory=merged["worker_memory"],
+            max_response_size=merged["max_response_size"],
             rate=merged["rate"],
             burst=merged["burst"],
             tmp_size=merged["tmp_size"],
@@ -442,6 +446,7 @@ class Config:
     socket_group: str = ""
     metrics_listen: Address | None = None
     lambda_listen: Address | None = None
+    show_errors: bool = True
     cgroup_backend: str = "auto"
     cgroup_subtree: str = "hourai"
     uid_range: tuple[int, int] = DEFAULT_UID_RANGE
@@ -491,6 +496,7 @@ TOP_KEYS: dict[str, tuple[Callable[[Any], Any], str]] = {
     "socket_group": (_group, "group allowed to use the control socket"),
     "metrics_listen": (_optional_address, "extra TCP address serving /metrics and /healthz"),
     "lambda_listen": (_optional_address, "TCP address serving the Lambda Invoke API"),
+    "show_errors": (_bool, "a function's 500 names the exception's type and message"),
     "cgroup_backend": (_choice("auto", "v2", "v1", "none"), "cgroup backend"),
     "cgroup_subtree": (_subtree, "directory under the daemon's cgroup that holds tenant groups"),
     "uid_range": (_uid_range, "uids given to tenants when running as root"),

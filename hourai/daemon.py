@@ -40,6 +40,15 @@ from hourai.invocations.runner import InvokeEvent, Outcome
 from hourai.isolate import sandbox
 from hourai.packages.installer import IndexSettings, Installer
 from hourai.packages.store import PackageStore
+from hourai.protocol import (
+    RESPONSE_OVERHEAD,
+    FrameTooLarge,
+    ProtocolError,
+    ResponseTooLarge,
+    Violation,
+    check_worker_reply,
+    response_frame_limit,
+)
 from hourai.registry import FunctionSpec, default_env
 from hourai.resources import ResourceManager
 from hourai.scheduler.core import (
@@ -54,6 +63,7 @@ from hourai.scheduler.core import (
     Reject,
     Scheduler,
 )
+from hourai.scheduler.limits import FunctionLimits
 from hourai.scheduler.limits import TenantLimits as TenantCaps
 from hourai.scheduler.policy import PolicyParams
 from hourai.snapshot.manager import (
@@ -63,6 +73,7 @@ from hourai.snapshot.manager import (
     SnapshotFailed,
     SnapshotHandle,
     WorkerEvents,
+    function_of,
     kill_pid,
 )
 from hourai.tenants import DEFAULT_UID_RANGE, TenantDirectory
@@ -81,6 +92,7 @@ REFILL_DELAY = 0.005
 # A dead root zygote is restarted at once, then with doubling delays while it keeps failing.
 ZYGOTE_RESTART_DELAY = 0.2
 ZYGOTE_RESTART_MAX_DELAY = 30.0
+DEFAULT_MAX_RESPONSE = FunctionLimits().max_response_size  # a removed function's last answers
 
 
 class DeployError(Exception):
@@ -104,6 +116,15 @@ class Observer:
     def function_state(self, state: FunctionState) -> None:
         pass
 
+    def function_verdict(self, function: str, message: str) -> None:
+        """What the daemon decided about one of the function's workers or requests (killed
+        for breaking the protocol, timed out, died and why): it belongs in that function's
+        log, so its owner can read the whole story there."""
+
+    # An observer that keeps function output (the per-function log files) says so; without
+    # one (`hourai run`, a terminal) the output is copied into the daemon's own log instead.
+    keeps_function_output = False
+
 
 @dataclass
 class RuntimeSettings:
@@ -123,6 +144,9 @@ class RuntimeSettings:
     tenant_config: dict[str, dict[str, Any]] = field(default_factory=dict)  # field -> value
     separate_uids: bool | None = None  # None: when running as root
     worker_nofile: int = 1024
+    # A 500 says the exception's type and message (False: only the error id, for callers
+    # who must not see a function's internals).
+    show_errors: bool = True
     # Python 3.12+: make the zygotes' and snapshots' objects immortal before they fork, so
     # workers reading them copy no pages (hourai.snapshot.immortal); off only to measure it.
     immortalize: bool = True
@@ -264,8 +288,10 @@ class Runtime:
         await self.zygote.start()
         self._zygote_started = self.loop.time()
         if self.resources is not None:
-            self._spawn(self.resources.run(), "adaptive policy")
-        self._spawn(self._watch_worker_memory(), "worker memory watch")
+            self._spawn(self._supervise(self.resources.run, "adaptive policy"), "policy")
+        self._spawn(
+            self._supervise(self._watch_worker_memory, "worker memory watch"), "memory watch"
+        )
 
     async def stop(self) -> None:
         if self._timer is not None:
@@ -337,6 +363,23 @@ class Runtime:
                 log.error("%s failed", what, exc_info=t.exception())
 
         task.add_done_callback(done)
+
+    async def _supervise(self, loop_body: Callable[[], Any], what: str) -> None:
+        """Run a loop the runtime depends on for as long as the runtime runs: one that
+        fails is logged and started again, after a delay that doubles while it keeps
+        failing soon after its start."""
+        delay = 0.5
+        while True:
+            started = self.loop.time()
+            try:
+                await loop_body()
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("%s failed; restarting it in %.1fs", what, delay)
+            delay = 0.5 if self.loop.time() - started > 60 else min(delay * 2, 60.0)
+            await asyncio.sleep(delay)
 
     def _new_zygote(self) -> RootZygote:
         zygote = RootZygote(
@@ -710,6 +753,8 @@ class Runtime:
         remaining = (pending.timeout or spec.limits.timeout) - (self.loop.time() - pending.started)
         assert worker.channel is not None
         worker.inflight[pending.rid] = pending
+        # New limits apply to warm workers too: the answer is bounded by today's option.
+        worker.channel.max_frame = response_frame_limit(spec.limits.max_response_size)
         worker.channel.send(
             {
                 "t": "inv",
@@ -744,21 +789,36 @@ class Runtime:
         worker.output = OutputReader(
             self.loop, out_fd, f"{worker.function}#{pid}", self._function_output
         )
-        worker.channel = AsyncChannel(
-            self.loop,
-            sock,
-            lambda msg, _fds: self._worker_message(worker, msg),
-            lambda reason: self._worker_channel_closed(worker, reason),
-        )
+        worker.channel = self._worker_channel(worker, version.spec, sock)
         version.workers_by_pid[pid] = worker
         if self.resources is not None:
             self.resources.worker_started(worker.function, pid)
         self._apply(self.scheduler.worker_ready(wid))
 
+    def _worker_channel(self, worker: WorkerProc, spec: FunctionSpec, sock: Any) -> AsyncChannel:
+        """The daemon's end of a worker channel: bounded by the function's response size, so
+        an oversized answer is refused from its length prefix, before its body is read."""
+        return AsyncChannel(
+            self.loop,
+            sock,
+            lambda msg, _fds: self._worker_message(worker, msg),
+            lambda reason: self._worker_channel_lost(worker, reason),
+            max_frame=response_frame_limit(spec.limits.max_response_size),
+        )
+
     def _worker_message(self, worker: WorkerProc, msg: dict[str, Any]) -> None:
-        pending = worker.inflight.pop(msg.get("id", -1), None)
+        """A frame from a worker. Tenant code can write on the channel, so nothing in it is
+        used before it is checked; a Violation raised here closes the channel, and
+        _worker_channel_lost kills the worker and says why."""
+        spec = self.functions.get(worker.function)
+        limit = spec.limits.max_response_size if spec is not None else DEFAULT_MAX_RESPONSE
+        check_worker_reply(msg, limit)
+        pending = worker.inflight.pop(msg["id"], None)
         if pending is None:
-            return  # a result for a request that was answered already (cancelled, timed out)
+            # Every way a request leaves a worker without its answer (timeout, death,
+            # removal) kills that worker, and a cancelled request stays in flight until
+            # answered: an id not in flight was never asked for.
+            raise Violation(f"answer to request {msg['id']}, which it was not running")
         spec = pending.spec
         if msg["t"] == "res":
             headers = msg["headers"]
@@ -770,19 +830,52 @@ class Runtime:
                 spec.name,
                 worker.pid,
                 pending.rid,
-                msg.get("error"),
-                msg.get("error_id"),
+                msg["error"],
+                msg["error_id"],
             )
+            what = msg["error"][:500] if self.settings.show_errors else "an exception"
             response = error_response(
                 500,
-                f"function {spec.name} raised an exception (error id {msg.get('error_id')})",
+                f"function {spec.name} raised {what} (error id {msg['error_id']}; the "
+                f"traceback is in hourai logs {spec.name})",
                 [
                     ("x-hourai-start", pending.start),
-                    ("x-hourai-error-id", str(msg.get("error_id"))),
+                    ("x-hourai-error-id", msg["error_id"]),
                 ],
             )
         self._answer(pending, response)
         self._apply(self.scheduler.finished(worker.wid, pending.rid))
+
+    def _worker_channel_lost(self, worker: WorkerProc, reason: str) -> None:
+        channel = worker.channel
+        error = channel.error if channel is not None else None
+        if error is None or worker.killed:
+            self._worker_channel_closed(worker, reason)
+        else:
+            self._worker_broke_protocol(worker, error)
+
+    def _worker_broke_protocol(self, worker: WorkerProc, error: ProtocolError) -> None:
+        """Kill the worker; what it held gets a 502 that names the violation."""
+        if isinstance(error, FrameTooLarge):
+            # Only a response may be this large: say it in the terms of the option.
+            error = ResponseTooLarge(error.size, error.limit - RESPONSE_OVERHEAD, framed=True)
+        if isinstance(error, ResponseTooLarge):
+            status_text = f"function {worker.function}: {error}; refused unread"
+        else:
+            status_text = f"function {worker.function}'s worker broke the channel protocol: {error}"
+        worker.killed = True
+        if worker.pid:
+            kill_pid(worker.pid)
+        verdict = f"worker {worker.pid} killed: {error}"
+        log.warning("%s#%d killed: %s", worker.function, worker.pid, error)
+        self._verdict(worker.function, verdict)
+        for pending in list(worker.inflight.values()):
+            self._answer(
+                pending, error_response(502, status_text, [("x-hourai-start", pending.start)])
+            )
+        worker.inflight.clear()
+        self._forget_worker(worker)
+        self._apply(self.scheduler.worker_died(worker.wid, f"killed: {error}"))
 
     def _worker_channel_closed(self, worker: WorkerProc, reason: str) -> None:
         if worker.killed:
@@ -808,6 +901,7 @@ class Runtime:
         worker.killed = True
         reason = self.death_reason(worker)
         log.warning("%s#%d %s", worker.function, worker.pid, reason)
+        self._verdict(worker.function, f"worker {worker.pid}: {reason}")
         self._forget_worker(worker)
         # An OOM kill is the invocation's doing, not a function that cannot start.
         oom = self._oom_killed(worker)
@@ -853,11 +947,20 @@ class Runtime:
             self._forget_worker(worker)
 
     def _function_output(self, tag: str, line: str) -> None:
-        function_log.info("[%s] %s", tag, line)
-        if self.observers:
-            function = tag.split("#", 1)[0].split("/", 1)[0]
-            for observer in self.observers:
-                observer.function_output(function, tag, line)
+        """One line a function printed (already held to its output budget by the reader).
+        It goes to the function's own log; the daemon's log gets a copy only when nothing
+        keeps function logs (`hourai run`, where the terminal is the function's log)."""
+        kept = False
+        function = function_of(tag)
+        for observer in self.observers:
+            observer.function_output(function, tag, line)
+            kept = kept or observer.keeps_function_output
+        if not kept:
+            function_log.info("[%s] %s", tag, line)
+
+    def _verdict(self, function: str, message: str) -> None:
+        for observer in self.observers:
+            observer.function_verdict(function, message)
 
     # ------------------------------------------------------------------ decisions
 
@@ -894,6 +997,8 @@ class Runtime:
                 if pending is not None:
                     if pending.wid is not None and pending.wid in self.workers:
                         self.workers[pending.wid].inflight.pop(pending.rid, None)
+                    if d.status == 504:
+                        self._verdict(pending.spec.name, f"request {d.request_id}: {d.reason}")
                     self._answer(
                         pending,
                         error_response(d.status, d.reason, [("x-hourai-start", pending.start)]),

@@ -2,11 +2,16 @@
 
 A function's stdout and stderr, line by line and tagged with the process
 (``[hello#1234]`` for a worker, ``[hello/snapshot]`` for its snapshot), go to
-``<state>/logs/<function>.log``, beside what the daemon has to say about it (deploys,
-refusals with their traceback, crash loops) tagged ``[hourai]``. At ``max_bytes`` the file
-becomes ``.log.1`` (``.log.1`` becomes ``.log.2`` and so on) and ``files`` rotated files are
-kept. ``hourai logs`` reads them through the control API with a cursor that survives
-rotation: the inode of the file and an offset in it.
+``<state>/logs/<function>.log`` (and only there: the daemon's own log and journald get none
+of it), held to the function's output budget (see :class:`hourai.snapshot.manager.
+OutputBudget`; what is dropped is counted in a line of its own). Beside it, tagged
+``[hourai]``, is what the daemon has to say about the function: deploys, refusals with their
+traceback, workers killed for breaking the channel protocol or timing out, deaths with
+their cause (signal, exit status, OOM kill), crash-loop backoff and recovery.
+
+At ``max_bytes`` the file becomes ``.log.1`` (``.log.1`` becomes ``.log.2`` and so on) and
+``files`` rotated files are kept. ``hourai logs`` reads them through the control API with a
+cursor that survives rotation: the inode of the file and an offset in it.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from hourai.daemon import Observer
+from hourai.scheduler.core import FunctionState
 
 # Open files kept per daemon: functions that print stay open, the rest are reopened.
 MAX_OPEN = 128
@@ -115,6 +121,8 @@ class _File:
 class FunctionLogs(Observer):
     """Writes each function's output to its file; reads them back for ``hourai logs``."""
 
+    keeps_function_output = True
+
     def __init__(self, root: Path, max_bytes: int = 10 << 20, files: int = 5) -> None:
         self.root = root
         root.mkdir(parents=True, exist_ok=True)
@@ -132,6 +140,18 @@ class FunctionLogs(Observer):
 
     def function_output(self, function: str, tag: str, line: str) -> None:
         self.write(function, f"{_stamp(time.time())} [{tag}] {line}\n")
+
+    def function_verdict(self, function: str, message: str) -> None:
+        self.event(function, message)
+
+    def function_state(self, state: FunctionState) -> None:
+        # Deploys, refusals and switches are told by the service in its own words; the
+        # scheduler's verdicts (backoff, recovery) only here.
+        if state.state in ("removed", "failed") or state.detail.startswith("version "):
+            return
+        self.event(
+            state.function, f"{state.state}: {state.detail}" if state.detail else state.state
+        )
 
     def event(self, function: str, message: str) -> None:
         """What the daemon has to say about a function, in the function's own log."""

@@ -168,6 +168,7 @@ class Daemon:
                     cgroup_backend=config.cgroup_backend,
                     cgroup_subtree=config.cgroup_subtree,
                     uid_range=config.uid_range,
+                    show_errors=config.show_errors,
                     tenant_defaults=config.tenant_defaults,
                     tenant_config={t: dict(v) for t, v in config.tenants.items()},
                     policy=PolicyParams(memory_budget_bytes=config.memory_budget)
@@ -1180,6 +1181,7 @@ class Daemon:
             self.invocations.dead_retention = new.dead_letter_retention
         if self.runtime.resources is not None and new.memory_budget != old.memory_budget:
             self.runtime.resources.policy.set_memory_budget(new.memory_budget)
+        self.runtime.settings.show_errors = new.show_errors
         if (new.tenant_defaults, new.tenants) != (old.tenant_defaults, old.tenants):
             for problem in self.runtime.set_tenant_config(new.tenant_defaults, new.tenants):
                 log.error("reload: tenant limits not applied: %s", problem)

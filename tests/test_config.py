@@ -69,6 +69,7 @@ queue_max = 16
 queue_timeout = 2.5
 max_requests = 1000
 worker_memory = "256M"
+max_response_size = "1M"
 rate = 50
 burst = 10
 min_warm = 1
@@ -139,6 +140,7 @@ def test_every_key_is_read() -> None:
     assert defaults["worker_memory"] == 256 << 20 and defaults["keep_alive"] == 0.0
     assert defaults["tmp_size"] == 64 << 20
     assert (defaults["async_retries"], defaults["async_timeout"]) == (1, 900.0)
+    assert defaults["max_response_size"] == 1 << 20
     assert config.default_tenant == "shared"
     # every option of the schema appears in the sample, so the sample documents them all
     assert set(FUNCTION_OPTIONS) <= set(config.defaults)

@@ -137,3 +137,13 @@ def test_an_http_app_takes_an_api_gateway_event_and_refuses_others(daemon) -> No
     assert refused["FunctionError"] == "Unhandled"
     assert refused["Payload"]["errorType"] == "Runtime.InvalidEvent"
     assert "API Gateway event" in refused["Payload"]["errorMessage"]
+
+
+def test_http_callers_get_the_error_or_only_its_id_when_told(hourai_daemon) -> None:
+    from conftest import FUNCTIONS
+
+    d = hourai_daemon("show_errors = false\n[defaults]\nspares = 0\n")
+    d.cli("deploy", "b", str(FUNCTIONS / "behave.py"))
+    reply = d.get("/b/raise")
+    assert reply.status == 500 and b"error id" in reply.body and b"hourai logs b" in reply.body
+    assert b"deliberate failure" not in reply.body  # production: no internals

@@ -82,6 +82,8 @@ def test_exception_answers_500_with_an_error_id_found_in_the_log(hourai_run) -> 
     assert reply.status == 500
     error_id = reply.headers["x-hourai-error-id"]
     assert error_id.encode() in reply.body
+    # what went wrong, and where to read the rest
+    assert b"ValueError: deliberate failure" in reply.body and b"hourai logs behave" in reply.body
     proc.wait_for(rf"error {error_id}")
     proc.wait_for(r"ValueError: deliberate failure")
     # the worker survived the exception

@@ -68,3 +68,24 @@ def _root_zygote_or_none(pid: int) -> int | None:
         return _root_zygote(pid).pid
     except ValueError:
         return None
+
+
+def test_a_loop_the_runtime_depends_on_is_restarted_when_it_fails() -> None:
+    import asyncio
+    from types import SimpleNamespace
+
+    from hourai.daemon import Runtime
+
+    runs: list[int] = []
+
+    async def flaky() -> None:
+        runs.append(1)
+        if len(runs) < 3:
+            raise RuntimeError("policy bug")
+
+    async def main() -> None:
+        owner = SimpleNamespace(loop=asyncio.get_running_loop())
+        await asyncio.wait_for(Runtime._supervise(owner, flaky, "policy"), 10)  # type: ignore[arg-type]
+
+    asyncio.run(main())
+    assert len(runs) == 3  # failed twice, ran again each time, then ended by itself

@@ -26,6 +26,10 @@ from hourai.channel import AsyncChannel, BlockingChannel, ChannelClosed
 from hourai.isolate import direct
 from hourai.isolate.adapters import Invoker, new_event_loop
 from hourai.isolate.tracebacks import user_paths
+from hourai.protocol import MAX_ERROR_TEXT, Message, ProtocolError
+
+# The traceback is in the worker's output; the daemon only needs the gist, within its bound.
+_MAX_ERROR = MAX_ERROR_TEXT // 4
 
 # A request-shaped message for warm_up: every field the adapters read, nothing of a tenant's.
 _DUMMY = {
@@ -86,7 +90,18 @@ def serve_worker(channel: BlockingChannel, invoker: Invoker, spec: dict[str, Any
             # The function forked and this is the child coming back: it must never answer
             # on (or read from) the worker's channel.
             os._exit(0)
+        send_reply(channel, inv, reply)
+
+
+def send_reply(
+    channel: BlockingChannel | AsyncChannel, inv: dict[str, Any], reply: Message
+) -> None:
+    """Send the answer; one that cannot be framed (over the frame limit, or not msgpack-able)
+    becomes the function's error, not the worker's death."""
+    try:
         channel.send(reply)
+    except (ProtocolError, TypeError, ValueError, OverflowError) as exc:
+        channel.send(error_reply(inv, exc))
 
 
 def run_invocation(invoker: Invoker, inv: dict[str, Any]) -> dict[str, Any]:
@@ -114,6 +129,8 @@ def error_reply(inv: dict[str, Any], exc: BaseException) -> dict[str, Any]:
     )
     if "event" in inv:
         # A direct invocation is answered as Lambda answers it: the error payload, flagged.
+        fields = direct.error_fields(exc)
+        fields["errorMessage"] = fields["errorMessage"][:_MAX_ERROR]
         return {
             "t": "res",
             "id": inv["id"],
@@ -123,14 +140,12 @@ def error_reply(inv: dict[str, Any], exc: BaseException) -> dict[str, Any]:
                 ["x-amz-function-error", "Unhandled"],
                 ["x-hourai-error-id", error_id],
             ],
-            "body": json.dumps(direct.error_fields(exc)).encode(),
+            "body": json.dumps(fields).encode(),
         }
-    return {
-        "t": "err",
-        "id": inv["id"],
-        "error_id": error_id,
-        "error": f"{type(exc).__name__}: {exc}",
-    }
+    error = f"{type(exc).__name__}: {exc}"
+    if len(error) > _MAX_ERROR:
+        error = error[: _MAX_ERROR - 1] + "…"
+    return {"t": "err", "id": inv["id"], "error_id": error_id, "error": error}
 
 
 def serve_worker_concurrent(sock: socket.socket, invoker: Invoker, concurrency: int) -> None:
@@ -161,7 +176,7 @@ def serve_worker_concurrent(sock: socket.socket, invoker: Invoker, concurrency: 
             reply = error_reply(inv, exc)
         if os.getpid() != me:
             os._exit(0)  # a fork of the function's, see serve_worker
-        channel.send(reply)
+        send_reply(channel, inv, reply)
 
     def on_message(msg: dict[str, Any], _fds: list[int]) -> None:
         if msg["t"] == "inv":

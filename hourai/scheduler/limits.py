@@ -26,6 +26,9 @@ class FunctionLimits:
     spares: int = 1  # pre-forked never-used workers kept while the snapshot is ready
     max_requests: int = 0  # recycle a worker after this many invocations (0: never)
     max_worker_memory: int | None = None  # bytes; a worker above it is recycled once idle
+    # bytes of one response body; a larger one is refused (502) unread and its worker killed.
+    # 6 MiB is AWS Lambda's limit for a synchronous invocation's response.
+    max_response_size: int = 6 * 1024 * 1024
     rate: float | None = None  # token bucket: requests per second (None: unlimited)
     burst: int | None = None  # bucket size (None: max(1, ceil(rate)))
     tmp_size: int = 512 << 20  # bytes of the function's private /tmp (and /dev/shm) tmpfs
@@ -48,6 +51,7 @@ class FunctionLimits:
         _at_least("max_requests", self.max_requests, 0)
         if self.max_worker_memory is not None:
             _positive("max_worker_memory", self.max_worker_memory)
+        _positive("max_response_size", self.max_response_size)
         _check_rate(self.rate, self.burst)
 
     @property

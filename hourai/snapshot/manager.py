@@ -21,28 +21,143 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from hourai.channel import AsyncChannel
-from hourai.protocol import Message
+from hourai.protocol import (
+    SNAPSHOT_FRAME_MAX,
+    Message,
+    Violation,
+    check_snapshot_message,
+)
+from hourai.units import format_size
 
 log = logging.getLogger("hourai.snapshot")
 
 
-class OutputReader:
-    """Reads a child's stdout/stderr pipe and hands over whole lines, tagged."""
+# What one function may print, over all its processes: a burst, then a steady rate. Beyond
+# it lines are dropped, counted and said (at most one notice a second), so a function that
+# prints 50 MB costs the daemon a read and a newline count per 64 KiB, not a write per line.
+OUTPUT_LINE_RATE = 1000.0  # lines per second
+OUTPUT_LINE_BURST = 10_000
+OUTPUT_BYTE_RATE = 1 << 20  # bytes per second
+OUTPUT_BYTE_BURST = 8 << 20
+MAX_LINE = 16 * 1024  # a longer line keeps its head and says how much was cut
+NOTICE_INTERVAL = 1.0
+_READ = 65536
+
+
+def function_of(tag: str) -> str:
+    """The function an output tag belongs to: ``hello#1234`` and ``hello/snapshot`` → hello."""
+    return tag.split("#", 1)[0].split("/", 1)[0]
+
+
+class OutputBudget:
+    """Token buckets (lines and bytes) for one function's output, and what was dropped."""
+
+    __slots__ = (
+        "byte_burst",
+        "byte_rate",
+        "bytes",
+        "dropped_bytes",
+        "dropped_lines",
+        "line_burst",
+        "line_rate",
+        "lines",
+        "notice_due",
+        "stamp",
+        "timer",
+    )
 
     def __init__(
-        self, loop: asyncio.AbstractEventLoop, fd: int, tag: str, sink: Callable[[str, str], None]
+        self,
+        line_rate: float = OUTPUT_LINE_RATE,
+        line_burst: int = OUTPUT_LINE_BURST,
+        byte_rate: float = OUTPUT_BYTE_RATE,
+        byte_burst: int = OUTPUT_BYTE_BURST,
+    ) -> None:
+        self.line_rate, self.line_burst = line_rate, line_burst
+        self.byte_rate, self.byte_burst = byte_rate, byte_burst
+        self.lines = float(line_burst)
+        self.bytes = float(byte_burst)
+        self.stamp: float | None = None
+        self.dropped_lines = 0
+        self.dropped_bytes = 0
+        self.notice_due = 0.0
+        self.timer: asyncio.TimerHandle | None = None
+
+    def refill(self, now: float) -> None:
+        if self.stamp is not None and now > self.stamp:
+            elapsed = now - self.stamp
+            self.lines = min(self.line_burst, self.lines + elapsed * self.line_rate)
+            self.bytes = min(self.byte_burst, self.bytes + elapsed * self.byte_rate)
+        self.stamp = now
+
+    def empty(self) -> bool:
+        return self.lines < 1 or self.bytes < 1
+
+    def take(self, size: int) -> bool:
+        """One line of ``size`` bytes: keep it (True) or count it dropped (False)."""
+        if self.lines >= 1 and self.bytes >= size:
+            self.lines -= 1
+            self.bytes -= size
+            return True
+        self.drop(1, size)
+        return False
+
+    def drop(self, lines: int, size: int) -> None:
+        self.dropped_lines += lines
+        self.dropped_bytes += size
+
+    def notice(self, function: str) -> str | None:
+        """The line that says what was dropped since the last one; resets the counts."""
+        if not self.dropped_lines and not self.dropped_bytes:
+            return None
+        text = (
+            f"… {self.dropped_lines} lines ({format_size(self.dropped_bytes, exact=False)}) "
+            f"dropped: {function} printed more than its output limit of "
+            f"{self.line_rate:g} lines/s and {format_size(int(self.byte_rate))}/s "
+            f"(bursts of {self.line_burst} lines, {format_size(self.byte_burst)})"
+        )
+        self.dropped_lines = self.dropped_bytes = 0
+        return text
+
+
+# One budget per function, shared by its snapshot's and workers' readers; the daemon is one
+# process with one loop, so this is the daemon's view of each function's output.
+_budgets: dict[str, OutputBudget] = {}
+
+
+def output_budget(function: str) -> OutputBudget:
+    budget = _budgets.get(function)
+    if budget is None:
+        budget = _budgets[function] = OutputBudget()
+    return budget
+
+
+class OutputReader:
+    """Reads a child's stdout/stderr pipe and hands over whole lines, tagged, within the
+    function's :class:`OutputBudget` (lines over it are counted, not handed over)."""
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        fd: int,
+        tag: str,
+        sink: Callable[[str, str], None],
+        budget: OutputBudget | None = None,
     ) -> None:
         os.set_blocking(fd, False)
         self.fd = fd
         self.tag = tag
         self.sink = sink
+        self.function = function_of(tag)
+        self.budget = budget if budget is not None else output_budget(self.function)
         self._loop = loop
         self._partial = b""
+        self._cut = 0  # bytes of the current line beyond MAX_LINE, thrown away
         loop.add_reader(fd, self._on_readable)
 
     def _on_readable(self) -> None:
         try:
-            data = os.read(self.fd, 65536)
+            data = os.read(self.fd, _READ)
         except BlockingIOError:
             return
         except OSError:
@@ -50,19 +165,79 @@ class OutputReader:
         if not data:
             self.close()
             return
-        *lines, self._partial = (self._partial + data).split(b"\n")
-        if len(self._partial) > 65536:  # a runaway line without newline: flush it anyway
-            lines.append(self._partial)
-            self._partial = b""
-        for line in lines:
-            self.sink(self.tag, line.decode("utf-8", "replace"))
+        self._consume(data)
+
+    def _consume(self, data: bytes) -> None:
+        budget = self.budget
+        budget.refill(self._loop.time())
+        last = data.rfind(b"\n")
+        if last < 0:
+            self._extend_partial(data)
+            return
+        if budget.empty():
+            # Over budget: count what ends in this chunk without splitting it.
+            lines = data.count(b"\n", 0, last + 1)
+            budget.drop(lines, last + 1 + len(self._partial) + self._cut - lines)
+            self._partial, self._cut = b"", 0
+            self._dropped()
+            self._extend_partial(data[last + 1 :])
+            return
+        lines = data[:last].split(b"\n")
+        lines[0] = self._partial + lines[0]
+        first_cut, self._partial, self._cut = self._cut, b"", 0
+        for i, line in enumerate(lines):
+            cut = first_cut if i == 0 else 0
+            if len(line) > MAX_LINE:
+                cut += len(line) - MAX_LINE
+                line = line[:MAX_LINE]
+            if not budget.take(len(line)):
+                rest = lines[i + 1 :]
+                budget.drop(len(rest), sum(map(len, rest)))
+                self._dropped()
+                break
+            self._emit(line, cut)
+        self._extend_partial(data[last + 1 :])
+
+    def _extend_partial(self, data: bytes) -> None:
+        room = MAX_LINE - len(self._partial)
+        if len(data) > room:
+            self._cut += len(data) - max(room, 0)
+            data = data[: max(room, 0)]
+        if data:
+            self._partial += data
+
+    def _emit(self, line: bytes, cut: int) -> None:
+        text = line.decode("utf-8", "replace")
+        if cut:
+            text += f" … ({format_size(cut, exact=False)} more of this line cut)"
+        self.sink(self.tag, text)
+
+    def _dropped(self) -> None:
+        budget = self.budget
+        if budget.timer is None:
+            delay = max(0.0, budget.notice_due - self._loop.time())
+            budget.timer = self._loop.call_later(delay, self._notice)
+
+    def _notice(self) -> None:
+        budget = self.budget
+        budget.timer = None
+        budget.notice_due = self._loop.time() + NOTICE_INTERVAL
+        text = budget.notice(self.function)
+        if text is not None:
+            self.sink(self.tag, text)
 
     def close(self) -> None:
         if self.fd < 0:
             return
-        if self._partial:
-            self.sink(self.tag, self._partial.decode("utf-8", "replace"))
-            self._partial = b""
+        if self._partial or self._cut:
+            self.budget.refill(self._loop.time())
+            if self.budget.take(len(self._partial)):
+                self._emit(self._partial, self._cut)
+            self._partial, self._cut = b"", 0
+        if self.budget.timer is not None and self.budget.dropped_lines:
+            # The last words of a flooding process: say what was dropped now, not later.
+            self.budget.timer.cancel()
+            self._notice()
         self._loop.remove_reader(self.fd)
         os.close(self.fd)
         self.fd = -1
@@ -134,8 +309,14 @@ class SnapshotHandle:
             except ProcessLookupError:
                 pass
 
-    # -- messages from the snapshot process
+    # -- messages from the snapshot process (which runs tenant code: checked, never trusted)
     def _on_message(self, msg: Message, fds: list[int]) -> None:
+        try:
+            check_snapshot_message(msg, len(fds))
+        except Violation:
+            for fd in fds:
+                os.close(fd)
+            raise  # the channel closes on it; _on_close kills the snapshot
         kind = msg["t"]
         if kind == "forked":
             chan_fd, out_fd, pidfd = fds
@@ -161,6 +342,12 @@ class SnapshotHandle:
             log.warning("snapshot %s sent unknown message %r", self.fid, kind)
 
     def _on_close(self, reason: str) -> None:
+        error = self.channel.error if self.channel is not None else None
+        if error is not None:
+            log.warning("snapshot %s broke the channel protocol (%s): killed", self.fid, error)
+            self.kill()
+            self.stopping = False  # lost, not stopped: it is rebuilt on demand
+            reason = f"it broke the channel protocol: {error}"
         if not self.ready.done():
             self.ready.set_exception(
                 SnapshotFailed(f"snapshot process ended during start ({reason})")
@@ -239,7 +426,12 @@ class RootZygote:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         out_r, out_w = os.pipe()
         handle.channel = AsyncChannel(
-            self.loop, ours, handle._on_message, handle._on_close, with_fds=True
+            self.loop,
+            ours,
+            handle._on_message,
+            handle._on_close,
+            with_fds=True,
+            max_frame=SNAPSHOT_FRAME_MAX,
         )
         handle.output = OutputReader(self.loop, out_r, tag, self.output_sink)
         self._by_fid[fid] = handle

@@ -21,8 +21,10 @@ from bench.httpclient import Client
 def start(tree: str) -> tuple[subprocess.Popen[str], Client]:
     env = {**os.environ, "PYTHONPATH": tree}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "bench.server", f"{tree}/examples/hello/handler.py"]
-        + ["--spares", "0", "--keep-alive", "0"],
+        [
+            *(sys.executable, "-m", "bench.server", f"{tree}/examples/hello/handler.py"),
+            *("--spares", "0", "--keep-alive", "0"),
+        ],
         cwd=tree,
         env=env,
         stdin=subprocess.PIPE,

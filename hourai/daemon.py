@@ -14,6 +14,7 @@ import dataclasses
 import itertools
 import logging
 import os
+import re
 import shutil
 import signal
 import tempfile
@@ -64,6 +65,7 @@ from hourai.snapshot.manager import (
     kill_pid,
 )
 from hourai.tenants import DEFAULT_UID_RANGE, TenantDirectory
+from hourai.tracing import RequestTrace, Tracer, TracingSettings
 from hourai.units import format_size
 
 log = logging.getLogger("hourai")
@@ -79,6 +81,9 @@ REFILL_DELAY = 0.005
 # A dead root zygote is restarted at once, then with doubling delays while it keeps failing.
 ZYGOTE_RESTART_DELAY = 0.2
 ZYGOTE_RESTART_MAX_DELAY = 30.0
+# The mark a worker puts before the lines of an invocation (hourai.isolate.context): its
+# request id, and its trace id when traced. Checked, since a function can print anything.
+_LINE_MARK = re.compile(r"\x1f([0-9a-f]{1,16}-[0-9]{1,10})(?: ([0-9a-f]{32}))?\x1f")
 
 
 class DeployError(Exception):
@@ -129,6 +134,8 @@ class RuntimeSettings:
     policy: PolicyParams | None = field(default_factory=PolicyParams)
     # Where functions' declared packages come from ([packages] in the config).
     packages: IndexSettings = field(default_factory=IndexSettings)
+    # OpenTelemetry traces ([tracing] in the config); off unless enabled.
+    tracing: TracingSettings = field(default_factory=TracingSettings)
 
 
 @dataclass(eq=False)
@@ -148,6 +155,7 @@ class Pending:
     start: str = "-"
     wid: int | None = None
     event: bytes | None = None  # a direct invocation's event (JSON), instead of HTTP
+    trace: RequestTrace | None = None  # its spans, when tracing is on
 
 
 @dataclass(eq=False)
@@ -162,6 +170,9 @@ class WorkerProc:
     killed: bool = False
     exit: ExitStatus | None = None
     oom_mark: int = 0  # the tenant's OOM kill count when forked: a later rise means OOM
+    # Wall-clock ns of the fork (asked, ready), for the trace of the request it started.
+    fork_ns: tuple[int, int] = (0, 0)
+    served: bool = False
 
 
 @dataclass(eq=False)
@@ -171,6 +182,7 @@ class Version:
     built: asyncio.Future[dict[str, Any]] | None = None
     workers_by_pid: dict[int, WorkerProc] = field(default_factory=dict)
     build_started: float = 0.0
+    build_ns: tuple[int, int] = (0, 0)  # wall clock, for traces of cold starts
 
 
 class Runtime:
@@ -228,6 +240,7 @@ class Runtime:
         self.resources = (
             ResourceManager(self, self.settings.policy) if self.settings.policy else None
         )
+        self.tracer = Tracer(self.settings.tracing) if self.settings.tracing.enabled else None
 
     def problems(self) -> list[str]:
         """What keeps the runtime from serving as deployed, right now (for /healthz)."""
@@ -287,6 +300,8 @@ class Runtime:
             if version.handle is not None:
                 version.handle.stopping = True
         await self.zygote.stop()
+        if self.tracer is not None:
+            self.tracer.shutdown()
         if self.subtree_claim is not None:
             try:
                 self.cgroups.remove_subtree()
@@ -537,6 +552,7 @@ class Runtime:
             return
         version.handle = handle
         version.build_started = self.loop.time()
+        version.build_ns = (time.time_ns(), 0)
         handle.on_lost = lambda reason: self._snapshot_lost(version, reason)
         self._spawn(self._await_build(version, handle), f"snapshot build {fid}")
 
@@ -556,6 +572,7 @@ class Runtime:
             info["attr"],
             info["init_ms"],
         )
+        version.build_ns = (version.build_ns[0], time.time_ns())
         if version.built is not None and not version.built.done():
             version.built.set_result(info)
         if self.resources is not None:
@@ -644,12 +661,29 @@ class Runtime:
         path: str,
         *,
         event: bytes | None = None,
+        traceparent: str | None = None,
+        trace_links: tuple[str, ...] = (),
     ) -> Response:
+        """Run one request; ``traceparent`` and ``trace_links`` place its trace when it did
+        not come with one in its headers (hourai.tracing says how)."""
         rid = next(self._rids)
         pending = Pending(
             rid, spec, request, root_path, path, self.loop.create_future(), self.loop.time()
         )
         pending.event = event
+        if self.tracer is not None:
+            pending.trace = self.tracer.request(
+                f"{request.method} {spec.name}",
+                request.headers,
+                {
+                    "faas.name": spec.name,
+                    "faas.version": spec.version,
+                    "http.request.method": request.method,
+                    "url.path": request.path,
+                },
+                traceparent=traceparent,
+                links=trace_links,
+            )
         if self.resources is not None:
             now = self.loop.time()
             if (spec.name, spec.version) not in self.versions:
@@ -681,6 +715,8 @@ class Runtime:
             self._request_ended(pending)
         if not pending.future.done():
             pending.future.set_result(response)
+        if pending.trace is not None:
+            self._trace_done(pending, response)
         if self._refills:
             self.loop.call_soon(self._flush_refills)
         if self.observers:
@@ -699,12 +735,44 @@ class Runtime:
                 (time.perf_counter() - pending.t0) * 1e3,
             )
 
+    def _trace_done(self, pending: Pending, response: Response) -> None:
+        assert pending.trace is not None
+        error_id = None
+        if response.status >= 500:
+            error_id = next((v for k, v in response.headers if k == "x-hourai-error-id"), None)
+        pending.trace.done(response.status, pending.start, error_id)
+        pending.trace = None
+
+    def _trace_dispatch(self, pending: Pending, worker: WorkerProc, request_id: str) -> str:
+        """The spans of the wait and the start path; the traceparent the function sees."""
+        assert pending.trace is not None
+        fork = build = None
+        if not worker.served and pending.start in ("fork", "cold"):
+            fork = worker.fork_ns
+            if pending.start == "cold":
+                version = self.versions.get((worker.function, worker.version))
+                if version is not None and version.build_ns[1]:
+                    build = version.build_ns
+        return pending.trace.dispatched(
+            pending.start, worker.pid, request_id, fork=fork, build=build
+        )
+
     def _send_invocation(self, pending: Pending, worker: WorkerProc) -> None:
         req = pending.request
         spec = pending.spec
         remaining = spec.limits.timeout - (self.loop.time() - pending.started)
         assert worker.channel is not None
         worker.inflight[pending.rid] = pending
+        request_id = f"{pending.rid:x}-{worker.pid}"
+        headers = req.headers
+        extra: dict[str, Any] = {} if pending.event is None else {"event": pending.event}
+        if pending.trace is not None:
+            traceparent = self._trace_dispatch(pending, worker, request_id)
+            # The function's parent is hourai's invocation span, not the caller's span.
+            headers = [h for h in headers if h[0] != "traceparent"]
+            headers.append(("traceparent", traceparent))
+            extra["trace"] = traceparent
+        worker.served = True
         worker.channel.send(
             {
                 "t": "inv",
@@ -713,16 +781,16 @@ class Runtime:
                 "path": pending.path,
                 "root_path": pending.root_path,
                 "query": req.query,
-                "headers": req.headers,
+                "headers": headers,
                 "body": req.body,
                 "client": req.client,
                 "server": req.server,
                 "scheme": "http",
                 "http_version": req.http_version,
-                "request_id": f"{pending.rid:x}-{worker.pid}",
+                "request_id": request_id,
                 "function": spec.name,
                 "deadline_ms": int(max(remaining, 0) * 1000),
-                **({} if pending.event is None else {"event": pending.event}),
+                **extra,
             }
         )
 
@@ -736,6 +804,7 @@ class Runtime:
             kill_pid(pid)
             return
         worker.pid = pid
+        worker.fork_ns = (worker.fork_ns[0], time.time_ns())
         worker.output = OutputReader(
             self.loop, out_fd, f"{worker.function}#{pid}", self._function_output
         )
@@ -848,7 +917,15 @@ class Runtime:
             self._forget_worker(worker)
 
     def _function_output(self, tag: str, line: str) -> None:
-        function_log.info("[%s] %s", tag, line)
+        extra = None
+        if line.startswith("\x1f"):
+            marked = _LINE_MARK.match(line)
+            if marked is not None:
+                request_id, trace_id = marked.groups()
+                line = line[marked.end() :]
+                tag = f"{tag} req={request_id}" + (f" trace={trace_id}" if trace_id else "")
+                extra = {"request_id": request_id, "trace_id": trace_id}
+        function_log.info("[%s] %s", tag, line, extra=extra)
         if self.observers:
             function = tag.split("#", 1)[0].split("/", 1)[0]
             for observer in self.observers:
@@ -896,6 +973,7 @@ class Runtime:
             elif isinstance(d, Fork):
                 version = self.versions.get((d.function, d.version))
                 worker = WorkerProc(d.worker_id, d.function, d.version)
+                worker.fork_ns = (time.time_ns(), 0)
                 if version is not None:
                     worker.oom_mark = self.cgroups.oom_kill_count(version.spec.tenant)
                 self.workers[d.worker_id] = worker

@@ -30,7 +30,11 @@ snapshot channel
 
 worker channel
   → ``inv``      {id, method, path, root_path, query, headers, body, client, server,
-                  scheme, http_version, request_id, function, deadline_ms}
+                  scheme, http_version, request_id, function, deadline_ms,
+                  [event], [trace]}
+                 optional: ``event`` a direct invocation's JSON event; ``trace`` the W3C
+                 traceparent of hourai's invocation span when tracing is on (the worker
+                 makes it the function's current OpenTelemetry context, hourai.isolate.context)
   ← ``res``      {id, status, headers, body}
   ← ``err``      {id, error_id, error, details}   the function raised; the worker lives on
 """

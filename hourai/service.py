@@ -164,6 +164,7 @@ class Daemon:
                     if config.adaptive
                     else None,
                     packages=_index_settings(config),
+                    tracing=config.tracing,
                 )
             )
         except (RuntimeError, CgroupError, OSError) as exc:

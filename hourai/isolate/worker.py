@@ -23,7 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from hourai.channel import AsyncChannel, BlockingChannel, ChannelClosed
-from hourai.isolate import direct
+from hourai.isolate import context, direct
 from hourai.isolate.adapters import Invoker, new_event_loop
 from hourai.isolate.tracebacks import user_paths
 
@@ -90,10 +90,13 @@ def serve_worker(channel: BlockingChannel, invoker: Invoker, spec: dict[str, Any
 
 
 def run_invocation(invoker: Invoker, inv: dict[str, Any]) -> dict[str, Any]:
+    tokens = context.enter(inv)
     try:
         result = direct.run(invoker, inv) if "event" in inv else invoker.invoke(inv)
     except Exception as exc:
         return error_reply(inv, exc)
+    finally:
+        context.leave(tokens)
     return {
         "t": "res",
         "id": inv["id"],
@@ -145,6 +148,8 @@ def serve_worker_concurrent(sock: socket.socket, invoker: Invoker, concurrency: 
     tasks: set[asyncio.Task[None]] = set()
 
     async def handle(inv: dict[str, Any]) -> None:
+        # Each task has a context of its own, so this marks only this invocation's lines.
+        context.enter(inv)
         try:
             if "event" in inv:
                 result = await direct.run_async(invoker, inv)

@@ -142,6 +142,14 @@ def add_daemon_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore
     p = sub.add_parser("stats", parents=[common], help="workers, requests, latency, memory")
     p.set_defaults(func=cmd_stats)
 
+    p = sub.add_parser(
+        "debug", parents=[common], help="a debugger's worker: debugpy on a fresh worker"
+    )
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("--port", type=int, default=5678, help="loopback port (default 5678)")
+    p.add_argument("--stop", action="store_true", help="end the function's debug session")
+    p.set_defaults(func=cmd_debug)
+
     p = sub.add_parser("rollback", parents=[common], help="serve an earlier version again")
     p.add_argument("name", metavar="NAME")
     p.add_argument("version", metavar="VERSION", nargs="?", help="default: the one before")
@@ -556,6 +564,37 @@ def cmd_stats(args: argparse.Namespace) -> int:
                 rows,
                 ["TENANT", "UID", "FUNCTIONS", "MEMORY", "PEAK", "CPU", "PIDS", "OOM", "LIMITS"],
             )
+
+    return _run(args, call)
+
+
+def attach_instructions(doc: dict[str, Any]) -> str:
+    """What to tell a debugger: where to attach, and which of its paths are the worker's."""
+    config = {
+        "name": f"hourai: {doc['function']}",
+        "type": "debugpy",
+        "request": "attach",
+        "connect": {"host": doc["host"], "port": doc["port"]},
+        "pathMappings": [{"localRoot": doc["source_root"], "remoteRoot": doc["code_root"]}],
+        "justMyCode": True,
+    }
+    return (
+        f"{doc['function']}: debugpy listens on {doc['host']}:{doc['port']} "
+        f"(worker {doc['pid']}); the function's requests go to it until you detach.\n"
+        'Attach with this configuration (VS Code: .vscode/launch.json "configurations"):\n'
+        + json.dumps(config, indent=2)
+    )
+
+
+def cmd_debug(args: argparse.Namespace) -> int:
+    def call() -> None:
+        client = _client(args)
+        if args.stop:
+            doc = client.debug_stop(args.name)
+            print(json.dumps(doc) if args.json else f"{args.name}: debug session ended")
+            return
+        doc = client.debug(args.name, args.port)
+        print(json.dumps(doc, indent=2) if args.json else attach_instructions(doc))
 
     return _run(args, call)
 

@@ -11,6 +11,8 @@ PUT      /v1/functions/NAME                  deploy {"path", "cwd", "options"}
 DELETE   /v1/functions/NAME                  remove it
 POST     /v1/functions/NAME/rollback         {"version": null | "..."}
 POST     /v1/functions/NAME/invoke           {"method", "path", "query", "headers", "body"}
+POST     /v1/functions/NAME/debug            {"port": P}: a debugger's worker (hourai.debug)
+DELETE   /v1/functions/NAME/debug            end its debug session
 GET      /v1/functions/NAME/logs             ?lines=N | ?cursor=C&wait=S
 GET      /v1/stats                           functions, tenants, host
 POST     /v1/reload                          re-read the config file (like SIGHUP)
@@ -71,6 +73,8 @@ class Operations(Protocol):
     async def remove(self, name: str) -> dict[str, Any]: ...
     async def rollback(self, name: str, version: str | None) -> dict[str, Any]: ...
     async def invoke(self, name: str, body: dict[str, Any]) -> dict[str, Any]: ...
+    async def debug(self, name: str, port: int) -> dict[str, Any]: ...
+    async def debug_stop(self, name: str) -> dict[str, Any]: ...
     async def logs(
         self, name: str, lines: int | None, cursor: str | None, wait: float
     ) -> dict[str, Any]: ...
@@ -105,6 +109,10 @@ class ControlAPI:
             (re.compile(rf"/v1/functions/{name}/rollback"), {"POST": self._rollback}),
             (re.compile(rf"/v1/functions/{name}/invoke"), {"POST": self._invoke}),
             (re.compile(rf"/v1/functions/{name}/logs"), {"GET": self._logs}),
+            (
+                re.compile(rf"/v1/functions/{name}/debug"),
+                {"POST": self._debug, "DELETE": self._debug_stop},
+            ),
             (re.compile(r"/v1/stats"), {"GET": self._stats}),
             (re.compile(r"/v1/reload"), {"POST": self._reload}),
         ]
@@ -170,6 +178,15 @@ class ControlAPI:
 
     async def _invoke(self, request: Request, m: re.Match[str]) -> Response:
         return json_response(200, await self.ops.invoke(m["name"], _body(request)))
+
+    async def _debug(self, request: Request, m: re.Match[str]) -> Response:
+        port = _body(request, required=False).get("port", 5678)
+        if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
+            raise ApiError(400, "port must be an integer from 0 to 65535")
+        return json_response(200, await self.ops.debug(m["name"], port))
+
+    async def _debug_stop(self, request: Request, m: re.Match[str]) -> Response:
+        return json_response(200, await self.ops.debug_stop(m["name"]))
 
     async def _logs(self, request: Request, m: re.Match[str]) -> Response:
         query = parse_qs(request.query, keep_blank_values=True)

@@ -35,6 +35,7 @@ from hourai.cgroup import (
 from hourai.cgroup.owner import SubtreeClaim, claim_subtree
 from hourai.channel import AsyncChannel
 from hourai.codestore import CodeStore
+from hourai.debug import Debugger
 from hourai.ingress import Request, Response, error_response
 from hourai.isolate import sandbox
 from hourai.packages.installer import IndexSettings, Installer
@@ -241,6 +242,7 @@ class Runtime:
             ResourceManager(self, self.settings.policy) if self.settings.policy else None
         )
         self.tracer = Tracer(self.settings.tracing) if self.settings.tracing.enabled else None
+        self.debugger = Debugger(self)
 
     def problems(self) -> list[str]:
         """What keeps the runtime from serving as deployed, right now (for /healthz)."""
@@ -287,6 +289,7 @@ class Runtime:
                 log.warning("could not save the policy state: %s", exc)
         for task in list(self._tasks):
             task.cancel()
+        self.debugger.stop_all()
         for pending in list(self.pending.values()):
             self._answer(pending, error_response(503, "hourai is shutting down"))
         for worker in list(self.workers.values()):
@@ -488,6 +491,7 @@ class Runtime:
                 self.resources.declare_tenant(tenant, limits)
 
     def remove(self, name: str) -> None:
+        self.debugger.close(name, "the function was removed")
         self._apply(self.scheduler.remove(name))
         spec = self.functions.pop(name, None)
         if self.resources is not None:
@@ -695,7 +699,8 @@ class Runtime:
                     )
             self.resources.request_started(spec.name, now)
         self.pending[rid] = pending
-        self._apply(self.scheduler.submit(rid, spec.name))
+        if not (self.debugger.sessions and self.debugger.take(pending)):
+            self._apply(self.scheduler.submit(rid, spec.name))
         try:
             return await pending.future
         except asyncio.CancelledError:
@@ -817,9 +822,14 @@ class Runtime:
         version.workers_by_pid[pid] = worker
         if self.resources is not None:
             self.resources.worker_started(worker.function, pid)
+        if wid < 0:  # a debug session's, unknown to the scheduler (hourai.debug)
+            self.debugger.forked(worker)
+            return
         self._apply(self.scheduler.worker_ready(wid))
 
     def _worker_message(self, worker: WorkerProc, msg: dict[str, Any]) -> None:
+        if worker.wid < 0 and self.debugger.message(worker, msg):
+            return
         pending = worker.inflight.pop(msg.get("id", -1), None)
         if pending is None:
             return  # a result for a request that was answered already (cancelled, timed out)
@@ -846,6 +856,9 @@ class Runtime:
                 ],
             )
         self._answer(pending, response)
+        if worker.wid < 0:
+            self.debugger.finished(worker)
+            return
         self._apply(self.scheduler.finished(worker.wid, pending.rid))
 
     def _worker_channel_closed(self, worker: WorkerProc, reason: str) -> None:
@@ -873,6 +886,9 @@ class Runtime:
         reason = self.death_reason(worker)
         log.warning("%s#%d %s", worker.function, worker.pid, reason)
         self._forget_worker(worker)
+        if worker.wid < 0:
+            self.debugger.worker_gone(worker)
+            return
         # An OOM kill is the invocation's doing, not a function that cannot start.
         oom = self._oom_killed(worker)
         self._apply(self.scheduler.worker_died(worker.wid, reason, oom=oom))
@@ -1011,6 +1027,9 @@ class Runtime:
     def _fork_failed(self, wid: int, error: str) -> None:
         log.warning("fork of worker %d failed: %s", wid, error)
         self.workers.pop(wid, None)
+        if wid < 0:
+            self.debugger.fork_failed(wid, error)
+            return
         self._apply(self.scheduler.fork_failed(wid, error))
 
     def _arm_timer(self) -> None:

@@ -37,6 +37,10 @@ worker channel
                  makes it the function's current OpenTelemetry context, hourai.isolate.context)
   ← ``res``      {id, status, headers, body}
   ← ``err``      {id, error_id, error, details}   the function raised; the worker lives on
+  → ``debug``    {port, path}                open a debugpy listener on 127.0.0.1:port, debugpy
+                                             imported from ``path`` (hourai debug; sent only
+                                             to a worker forked for the session)
+  ← ``debugging`` {host, port, pid} | {error}
 """
 
 from __future__ import annotations

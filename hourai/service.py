@@ -46,6 +46,7 @@ from hourai.config import (
 )
 from hourai.control import ApiError, ControlAPI, ControlServer, SocketInUse
 from hourai.daemon import DeployError, Router, Runtime, RuntimeSettings, http_handler
+from hourai.debug import DebugError
 from hourai.ingress import HttpProtocol, Request, serve
 from hourai.isolate.loader import Target, TargetError, as_factory, resolve_target
 from hourai.logs import FunctionLogs, setup_daemon_logging
@@ -760,6 +761,21 @@ class Daemon:
         await self._collect_garbage()
         self.notifier.status(self._status())
         return {"removed": name, "versions": len(record.versions)}
+
+    async def debug(self, name: str, port: int) -> dict[str, Any]:
+        """A debug session on a fresh worker of the function (hourai.debug)."""
+        self._require("ready")
+        self._record(name)
+        try:
+            return await self.runtime.debugger.open(name, port)
+        except DebugError as exc:
+            raise ApiError(409, str(exc)) from None
+
+    async def debug_stop(self, name: str) -> dict[str, Any]:
+        self._record(name)
+        if not self.runtime.debugger.close(name, "hourai debug --stop"):
+            raise ApiError(409, f"{name} has no debug session")
+        return {"function": name, "stopped": True}
 
     async def rollback(self, name: str, version: str | None) -> dict[str, Any]:
         self._require("ready")

@@ -23,7 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from hourai.channel import AsyncChannel, BlockingChannel, ChannelClosed
-from hourai.isolate import context, direct
+from hourai.isolate import context, debugging, direct
 from hourai.isolate.adapters import Invoker, new_event_loop
 from hourai.isolate.tracebacks import user_paths
 
@@ -74,14 +74,22 @@ def serve_worker(channel: BlockingChannel, invoker: Invoker, spec: dict[str, Any
     me = os.getpid()
     if not select.select([channel.sock], [], [], 0)[0]:
         warm_up(invoker)  # nothing is waiting: we are a spare, pay the page faults now
+    debug = False
     while True:
         try:
             inv, _fds = channel.recv()
         except ChannelClosed:
             return
         if inv["t"] != "inv":
+            if inv["t"] == "debug":  # hourai debug: this worker is the session's
+                debug = True
+                channel.send(debugging.start(inv))
             continue
+        if debug:
+            debugging.busy(1)
         reply = run_invocation(invoker, inv)
+        if debug:
+            debugging.busy(-1)
         if os.getpid() != me:
             # The function forked and this is the child coming back: it must never answer
             # on (or read from) the worker's channel.
@@ -173,6 +181,8 @@ def serve_worker_concurrent(sock: socket.socket, invoker: Invoker, concurrency: 
             task = loop.create_task(handle(msg))
             tasks.add(task)
             task.add_done_callback(tasks.discard)
+        elif msg["t"] == "debug":
+            channel.send(debugging.start(msg))
 
     def on_close(_reason: str) -> None:
         if not closed.done():

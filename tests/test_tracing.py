@@ -224,6 +224,13 @@ def test_the_span_tree_arrives_over_otlp(hourai_daemon, receiver: Receiver) -> N
     assert f"trace={trace2}" in lines[1] and re.search(r"req=[0-9a-f]+-\d+ ", lines[1])
     assert "\x1f" not in log
 
+    # the exporter's counts are metrics; nothing was lost with the collector up
+    from hourai.client import Client
+
+    wait_until(lambda: "hourai_trace_spans_exported_total" in Client(d.socket).metrics())
+    metrics = Client(d.socket).metrics()
+    assert "hourai_trace_spans_dropped_total 0.0" in metrics
+
 
 @pytest.mark.slow
 def test_a_failed_requests_lines_are_found_from_its_error_id(

@@ -119,7 +119,9 @@ def private_mounts(
     held = [(path, os.open(path, os.O_PATH | os.O_DIRECTORY)) for path in _hidden(keep, covered)]
     _mount("proc", "/proc", "proc", _MS_NOSUID | _MS_NODEV | _MS_NOEXEC)
     owner = f",uid={uid},gid={gid}" if uid is not None else ""
-    _mount("tmpfs", "/tmp", "tmpfs", _MS_NOSUID | _MS_NODEV, f"size={tmp_size},mode=0700{owner}")
+    _mount(
+        "tmpfs", "/tmp", "tmpfs", _MS_NOSUID | _MS_NODEV, f"size={tmp_size},mode=0700{owner}"
+    )
     # /tmp itself last: the others are bound from paths inside the tmpfs mounted there.
     for target in sorted(covered, key="/tmp".__eq__):
         inside = "/tmp/" + target.strip("/").replace("/", "-")
@@ -244,7 +246,7 @@ def keep_sys_path_reachable(uid: int, gid: int) -> None:
         for j, p in enumerate(paths):
             for old, new in moved.items():
                 if p == old or p.startswith(old + "/"):
-                    paths[j] = new + p[len(old) :]
+                    paths[j] = new + p[len(old):]
                     break
     sys.path_importer_cache.clear()
     importlib.invalidate_caches()

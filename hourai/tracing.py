@@ -362,10 +362,15 @@ class Tracer:
         self.processor.on_end(span)
 
     def shutdown(self, timeout: float = 2.0) -> None:
-        """Export what is queued (for at most ``timeout`` seconds), then stop the thread."""
-        try:
-            self.processor.force_flush(int(timeout * 1000))
-        finally:
+        """Export what is queued, giving up after ``timeout`` seconds (a daemon stopping
+        must not wait on an absent collector)."""
+        # Not force_flush: it ignores its timeout and exports synchronously, each batch
+        # retried up to the exporter's own timeout. The batch processor's shutdown has the
+        # worker thread export what is left and waits for it only so long.
+        batch = getattr(self.processor.inner, "_batch_processor", None)
+        if batch is not None:
+            batch.shutdown(timeout_millis=int(timeout * 1000))
+        else:
             self.processor.shutdown()
 
 
@@ -424,6 +429,7 @@ class _CountingProcessor:
     bounded deque, so a span that arrives when it is full is one dropped."""
 
     def __init__(self, inner: Any, owner: Tracer, limit: int) -> None:
+        self.inner = inner
         self._inner = inner
         self._owner = owner
         self._limit = limit

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -135,8 +136,14 @@ def add_daemon_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore
 
     p = sub.add_parser("logs", parents=[common], help="a function's output")
     p.add_argument("name", metavar="NAME")
-    p.add_argument("-n", "--lines", type=int, default=100, metavar="N", help="(default 100)")
+    p.add_argument("-n", "--lines", type=int, metavar="N", help="(default 100)")
     p.add_argument("-f", "--follow", action="store_true", help="keep printing new lines")
+    p.add_argument(
+        "--request",
+        metavar="ID",
+        help="only the lines of one request: its request id, trace id or error id "
+        "(searches the whole log unless -n is given)",
+    )
     p.set_defaults(func=cmd_logs)
 
     p = sub.add_parser("stats", parents=[common], help="workers, requests, latency, memory")
@@ -459,12 +466,18 @@ def cmd_invoke(args: argparse.Namespace) -> int:
 
 
 def cmd_logs(args: argparse.Namespace) -> int:
-    if args.lines < 0:
+    if args.lines is not None and args.lines < 0:
         raise UsageError("--lines must be 0 or more")
+
+    wanted = RequestLines(args.request) if args.request else None
+    if args.lines is None:
+        args.lines = 100 if wanted is None else 1_000_000
 
     def call() -> None:
         client = _client(args)
         doc = client.logs(args.name, lines=args.lines)
+        if wanted is not None:
+            doc["text"] = wanted.filter(doc["text"])
         _emit_logs(args, doc)
         if not args.follow:
             return
@@ -472,12 +485,40 @@ def cmd_logs(args: argparse.Namespace) -> int:
         try:
             while True:
                 doc = client.logs(args.name, cursor=cursor, wait=25)
+                if wanted is not None:
+                    doc["text"] = wanted.filter(doc["text"])
                 _emit_logs(args, doc)
                 cursor = doc["cursor"]
         except KeyboardInterrupt:
             return
 
     return _run(args, call)
+
+
+class RequestLines:
+    """The lines of one request in a function's log (tagged ``req=`` and ``trace=`` by the
+    daemon); an error id is taken to its request by the traceback's ``error ID in request
+    REQ`` line."""
+
+    def __init__(self, ident: str) -> None:
+        self.ids = {ident}
+        self._error = re.compile(rf"\berror {re.escape(ident)} in request ([0-9a-f]+-\d+)")
+
+    def filter(self, text: str) -> str:
+        # by "\n" only: what a function printed may hold other characters splitlines() cuts at
+        lines = re.findall(r"[^\n]*\n|[^\n]+$", text)
+        for line in lines:  # first: the request an error id names may have printed before
+            found = self._error.search(line)
+            if found is not None:
+                self.ids.add(found.group(1))
+        out = []
+        for line in lines:
+            if any(
+                f"req={i} " in line or f"req={i}]" in line or f"trace={i}]" in line
+                for i in self.ids
+            ):
+                out.append(line)
+        return "".join(out)
 
 
 def _emit_logs(args: argparse.Namespace, doc: dict[str, Any]) -> None:

@@ -246,6 +246,10 @@ def test_a_failed_requests_lines_are_found_from_its_error_id(
     mine = [line for line in log.splitlines() if f"req={request_id}" in line]
     assert any("working on /traced/fail" in line for line in mine)
     assert any("RuntimeError: asked to fail" in line for line in mine)
+    # which `hourai logs --request` does from the error id alone
+    found = d.cli("logs", "traced", "--request", error_id).stdout.splitlines()
+    assert found == mine
+    assert d.cli("logs", "traced", "--request", request_id).stdout.splitlines() == mine
 
     # the daemon's JSON log carries the same ids as fields
     def json_lines() -> list[dict[str, Any]]:

@@ -105,7 +105,10 @@ class Debugger:
             if version is None or version.handle is None:
                 raise DebugError(f"{name}: its snapshot could not be built")
         if version.built is not None:
-            await asyncio.shield(version.built)
+            try:
+                await asyncio.shield(version.built)
+            except Exception as exc:  # the build's failure, as the deploy saw it
+                raise DebugError(f"{name}: its snapshot could not be built: {exc}") from None
         path = debugpy_path()
         session = Session(name, spec.version, next(_wids), port, ready=rt.loop.create_future())
         self.sessions[name] = session

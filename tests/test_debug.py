@@ -153,10 +153,11 @@ def _stop_at_breakpoint(
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("concurrency", [1, 2], ids=["process", "thread"])
 def test_a_debugger_stops_a_real_request_at_a_breakpoint_in_the_users_file(
-    hourai_daemon,
+    hourai_daemon, concurrency: int
 ) -> None:
-    d = hourai_daemon("[defaults]\nspares = 0\ntimeout = 2\n")
+    d = hourai_daemon(f"[defaults]\nspares = 0\ntimeout = 2\nconcurrency = {concurrency}\n")
     fn = Path(hourai_daemon.root) / "dbg"
     fn.mkdir()
     fn.chmod(0o755)

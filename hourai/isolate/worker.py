@@ -155,9 +155,13 @@ def serve_worker_concurrent(sock: socket.socket, invoker: Invoker, concurrency: 
     closed: asyncio.Future[None] = loop.create_future()
     tasks: set[asyncio.Task[None]] = set()
 
+    debug = False
+
     async def handle(inv: dict[str, Any]) -> None:
         # Each task has a context of its own, so this marks only this invocation's lines.
         context.enter(inv)
+        if debug:
+            debugging.busy(1)
         try:
             if "event" in inv:
                 result = await direct.run_async(invoker, inv)
@@ -172,6 +176,9 @@ def serve_worker_concurrent(sock: socket.socket, invoker: Invoker, concurrency: 
             }
         except Exception as exc:
             reply = error_reply(inv, exc)
+        finally:
+            if debug:
+                debugging.busy(-1)
         if os.getpid() != me:
             os._exit(0)  # a fork of the function's, see serve_worker
         channel.send(reply)
@@ -182,6 +189,8 @@ def serve_worker_concurrent(sock: socket.socket, invoker: Invoker, concurrency: 
             tasks.add(task)
             task.add_done_callback(tasks.discard)
         elif msg["t"] == "debug":
+            nonlocal debug
+            debug = True
             channel.send(debugging.start(msg))
 
     def on_close(_reason: str) -> None:

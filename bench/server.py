@@ -39,6 +39,7 @@ from hourai.ingress import Request, Response, serve
 from hourai.isolate.loader import resolve_target
 from hourai.registry import build_spec
 from hourai.scheduler.core import FunctionLimits
+from hourai.tracing import TracingSettings
 
 WORKER_STATES = ("starting", "spare", "idle", "busy", "draining")
 WAIT_TIMEOUT = 10.0
@@ -49,7 +50,10 @@ def _json(status: int, doc: object) -> Response:
 
 
 async def main(args: argparse.Namespace) -> None:
-    runtime = Runtime(RuntimeSettings(preloads=args.preload, immortalize=not args.mortal))
+    tracing = TracingSettings(enabled=bool(args.tracing), endpoint=args.tracing or "")
+    runtime = Runtime(
+        RuntimeSettings(preloads=args.preload, immortalize=not args.mortal, tracing=tracing)
+    )
     await runtime.start()
     limits = FunctionLimits(
         spares=args.spares,
@@ -136,6 +140,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--timeout", type=float, default=30.0)
     parser.add_argument("--profile", metavar="FILE", help="cProfile the daemon, stats to FILE")
     parser.add_argument("--mortal", action="store_true", help="no immortal objects (3.12+)")
+    parser.add_argument("--tracing", metavar="URL", help="trace every request to this OTLP URL")
     parser.add_argument(
         "--also",
         action="append",

@@ -218,6 +218,13 @@ def add_run_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[typ
         metavar="SIZE",
         help="size of the function's private /tmp and /dev/shm (default 512M)",
     )
+    p.add_argument(
+        "--debug",
+        action="store_true",
+        help="serve from a worker with a debugpy listener (attach, set breakpoints); a new "
+        "one after each detach",
+    )
+    p.add_argument("--debug-port", type=int, default=5678, help="its port (default 5678)")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     p.set_defaults(func=cmd_run)
 
@@ -391,11 +398,13 @@ async def serve_one(  # type: ignore[no-untyped-def]
             file=sys.stderr,
             flush=True,
         )
-        watcher = None
+        watchers = []
         if args.reload:
-            watcher = loop.create_task(_reload_loop(runtime, make_spec, spec.version))
+            watchers.append(loop.create_task(_reload_loop(runtime, make_spec, spec.version)))
+        if args.debug:
+            watchers.append(loop.create_task(_debug_loop(runtime, name, args.debug_port)))
         await stop.wait()
-        if watcher is not None:
+        for watcher in watchers:
             watcher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await watcher
@@ -450,6 +459,30 @@ async def _reload_loop(runtime, make_spec, version: str) -> None:  # type: ignor
             )
         else:
             print(f"hourai: now serving version {version}", file=sys.stderr, flush=True)
+
+
+async def _debug_loop(runtime, name: str, port: int) -> None:  # type: ignore[no-untyped-def]
+    """Keep a debug session open: a new one when the debugger detached or the code was
+    reloaded (the session's worker runs the version it was forked from)."""
+    from hourai.cli_daemon import attach_instructions
+    from hourai.debug import DebugError
+
+    debugger = runtime.debugger
+    while True:
+        session = debugger.sessions.get(name)
+        spec = runtime.functions.get(name)
+        if session is not None and spec is not None and session.version != spec.version:
+            debugger.close(name, "the code was reloaded")
+            session = None
+        if session is None and spec is not None:
+            try:
+                doc = await debugger.open(name, port)
+            except DebugError as exc:
+                print(f"hourai: debugger: {exc}", file=sys.stderr, flush=True)
+                await asyncio.sleep(2.0)
+                continue
+            print(f"hourai: {attach_instructions(doc)}", file=sys.stderr, flush=True)
+        await asyncio.sleep(0.25)
 
 
 def run_async(coro) -> int:  # type: ignore[no-untyped-def]

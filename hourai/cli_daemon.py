@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -165,12 +166,26 @@ def add_daemon_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore
 
     p = sub.add_parser("logs", parents=[common], help="a function's output")
     p.add_argument("name", metavar="NAME")
-    p.add_argument("-n", "--lines", type=int, default=100, metavar="N", help="(default 100)")
+    p.add_argument("-n", "--lines", type=int, metavar="N", help="(default 100)")
     p.add_argument("-f", "--follow", action="store_true", help="keep printing new lines")
+    p.add_argument(
+        "--request",
+        metavar="ID",
+        help="only the lines of one request: its request id, trace id or error id "
+        "(searches the whole log unless -n is given)",
+    )
     p.set_defaults(func=cmd_logs)
 
     p = sub.add_parser("stats", parents=[common], help="workers, requests, latency, memory")
     p.set_defaults(func=cmd_stats)
+
+    p = sub.add_parser(
+        "debug", parents=[common], help="a debugger's worker: debugpy on a fresh worker"
+    )
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("--port", type=int, default=5678, help="loopback port (default 5678)")
+    p.add_argument("--stop", action="store_true", help="end the function's debug session")
+    p.set_defaults(func=cmd_debug)
 
     p = sub.add_parser("rollback", parents=[common], help="serve an earlier version again")
     p.add_argument("name", metavar="NAME")
@@ -589,12 +604,18 @@ def cmd_invocations(args: argparse.Namespace) -> int:
 
 
 def cmd_logs(args: argparse.Namespace) -> int:
-    if args.lines < 0:
+    if args.lines is not None and args.lines < 0:
         raise UsageError("--lines must be 0 or more")
+
+    wanted = RequestLines(args.request) if args.request else None
+    if args.lines is None:
+        args.lines = 100 if wanted is None else 1_000_000
 
     def call() -> None:
         client = _client(args)
         doc = client.logs(args.name, lines=args.lines)
+        if wanted is not None:
+            doc["text"] = wanted.filter(doc["text"])
         _emit_logs(args, doc)
         if not args.follow:
             return
@@ -602,12 +623,40 @@ def cmd_logs(args: argparse.Namespace) -> int:
         try:
             while True:
                 doc = client.logs(args.name, cursor=cursor, wait=25)
+                if wanted is not None:
+                    doc["text"] = wanted.filter(doc["text"])
                 _emit_logs(args, doc)
                 cursor = doc["cursor"]
         except KeyboardInterrupt:
             return
 
     return _run(args, call)
+
+
+class RequestLines:
+    """The lines of one request in a function's log (tagged ``req=`` and ``trace=`` by the
+    daemon); an error id is taken to its request by the traceback's ``error ID in request
+    REQ`` line."""
+
+    def __init__(self, ident: str) -> None:
+        self.ids = {ident}
+        self._error = re.compile(rf"\berror {re.escape(ident)} in request ([0-9a-f]+-\d+)")
+
+    def filter(self, text: str) -> str:
+        # by "\n" only: what a function printed may hold other characters splitlines() cuts at
+        lines = re.findall(r"[^\n]*\n|[^\n]+$", text)
+        for line in lines:  # first: the request an error id names may have printed before
+            found = self._error.search(line)
+            if found is not None:
+                self.ids.add(found.group(1))
+        out = []
+        for line in lines:
+            if any(
+                f"req={i} " in line or f"req={i}]" in line or f"trace={i}]" in line
+                for i in self.ids
+            ):
+                out.append(line)
+        return "".join(out)
 
 
 def _emit_logs(args: argparse.Namespace, doc: dict[str, Any]) -> None:
@@ -694,6 +743,37 @@ def cmd_stats(args: argparse.Namespace) -> int:
                 rows,
                 ["TENANT", "UID", "FUNCTIONS", "MEMORY", "PEAK", "CPU", "PIDS", "OOM", "LIMITS"],
             )
+
+    return _run(args, call)
+
+
+def attach_instructions(doc: dict[str, Any]) -> str:
+    """What to tell a debugger: where to attach, and which of its paths are the worker's."""
+    config = {
+        "name": f"hourai: {doc['function']}",
+        "type": "debugpy",
+        "request": "attach",
+        "connect": {"host": doc["host"], "port": doc["port"]},
+        "pathMappings": [{"localRoot": doc["source_root"], "remoteRoot": doc["code_root"]}],
+        "justMyCode": True,
+    }
+    return (
+        f"{doc['function']}: debugpy listens on {doc['host']}:{doc['port']} "
+        f"(worker {doc['pid']}); the function's requests go to it until you detach.\n"
+        'Attach with this configuration (VS Code: .vscode/launch.json "configurations"):\n'
+        + json.dumps(config, indent=2)
+    )
+
+
+def cmd_debug(args: argparse.Namespace) -> int:
+    def call() -> None:
+        client = _client(args)
+        if args.stop:
+            doc = client.debug_stop(args.name)
+            print(json.dumps(doc) if args.json else f"{args.name}: debug session ended")
+            return
+        doc = client.debug(args.name, args.port)
+        print(json.dumps(doc, indent=2) if args.json else attach_instructions(doc))
 
     return _run(args, call)
 

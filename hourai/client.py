@@ -134,6 +134,14 @@ class Client:
             timeout=LONG_TIMEOUT,
         )
 
+    def debug(self, name: str, port: int) -> dict[str, Any]:
+        return self.call(
+            "POST", f"/v1/functions/{quote(name, safe='')}/debug", {"port": port}, timeout=60
+        )
+
+    def debug_stop(self, name: str) -> dict[str, Any]:
+        return self.call("DELETE", f"/v1/functions/{quote(name, safe='')}/debug")
+
     def invoke(self, name: str, request: dict[str, Any]) -> dict[str, Any]:
         return self.call(
             "POST", f"/v1/functions/{quote(name, safe='')}/invoke", request, timeout=LONG_TIMEOUT

@@ -26,6 +26,7 @@ from hourai.cgroup import DEFAULT_TENANT_LIMITS, CgroupError, TenantLimits, is_v
 from hourai.registry import check_name
 from hourai.scheduler.core import FunctionLimits
 from hourai.tenants import DEFAULT_UID_RANGE
+from hourai.tracing import PROTOCOLS, TracingSettings
 from hourai.units import parse_cpus, parse_size
 
 DEFAULT_STATE_DIR = Path("/var/lib/hourai")
@@ -462,6 +463,7 @@ class Config:
     dead_letter_retention: float = 14 * 86400.0
     log: LogConfig = field(default_factory=LogConfig)
     packages: PackagesConfig = field(default_factory=PackagesConfig)
+    tracing: TracingSettings = field(default_factory=TracingSettings)
     defaults: Mapping[str, Any] = field(default_factory=dict)
     # Tenants' cgroup limits: every tenant's unless said otherwise, and per tenant.
     tenant_defaults: TenantLimits = DEFAULT_TENANT_LIMITS
@@ -539,6 +541,47 @@ PACKAGES_KEYS: dict[str, tuple[Callable[[Any], Any], str]] = {
 }
 
 
+def _ratio(value: Any) -> float:
+    ratio = _float(strict=False)(value)
+    if ratio > 1:
+        raise ValueError(f"must be between 0 and 1, got {ratio:g}")
+    return ratio
+
+
+def _endpoint(value: Any) -> str:
+    url = _str(value).strip()
+    if not url.startswith(("http://", "https://")):
+        raise ValueError(f"must be an http:// or https:// URL, got {value!r}")
+    return url
+
+
+TRACING_KEYS: dict[str, tuple[Callable[[Any], Any], str]] = {
+    "enabled": (_bool, "record OpenTelemetry traces of invocations"),
+    "endpoint": (_endpoint, "OTLP collector URL (http/protobuf: its /v1/traces)"),
+    "protocol": (_choice(*PROTOCOLS), "OTLP transport (grpc needs its exporter installed)"),
+    "sample_ratio": (_ratio, "share of new traces recorded (a caller's decision is kept)"),
+    "service_name": (lambda v: _str(v).strip() or "hourai", "service.name of hourai's spans"),
+    "timeout": (_float(), "seconds one export may take"),
+    "max_queue_size": (_int(1), "spans waiting for export at most; more are dropped, counted"),
+}
+
+
+def _parse_tracing(raw: Any, source: str) -> TracingSettings:
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{source}: [tracing] must be a table")
+    values = {}
+    for key, value in raw.items():
+        if key not in TRACING_KEYS:
+            raise ConfigError(
+                f"{source}: [tracing]: unknown key {key!r} (known: {', '.join(TRACING_KEYS)})"
+            )
+        try:
+            values[key] = TRACING_KEYS[key][0](value)
+        except ValueError as exc:
+            raise ConfigError(f"{source}: [tracing] {key}: {exc}") from None
+    return TracingSettings(**values)
+
+
 def parse_config(data: Mapping[str, Any], source: str = "config") -> Config:
     """A Config from parsed TOML; ConfigError names the first bad or unknown key."""
     values: dict[str, Any] = {}
@@ -563,6 +606,8 @@ def parse_config(data: Mapping[str, Any], source: str = "config") -> Config:
             values["tenants"] = tenants
         elif key == "packages":
             values["packages"] = _parse_packages(raw, source)
+        elif key == "tracing":
+            values["tracing"] = _parse_tracing(raw, source)
         elif key == "defaults":
             if not isinstance(raw, Mapping):
                 raise ConfigError(f"{source}: [defaults] must be a table")
@@ -581,7 +626,14 @@ def parse_config(data: Mapping[str, Any], source: str = "config") -> Config:
             if value is not None:
                 values[key] = value
         else:
-            tables = ["[log]", "[packages]", "[defaults]", "[tenant_defaults]", "[tenants]"]
+            tables = [
+                "[log]",
+                "[packages]",
+                "[tracing]",
+                "[defaults]",
+                "[tenant_defaults]",
+                "[tenants]",
+            ]
             known = ", ".join([*TOP_KEYS, *tables])
             raise ConfigError(f"{source}: unknown key {key!r} (known: {known})")
     config = Config(**values)
@@ -716,5 +768,6 @@ def restart_only_changes(old: Config, new: Config) -> list[str]:
         "preload",
         "max_host_workers",
         "adaptive",
+        "tracing",
     ]
     return [k for k in keys if getattr(old, k) != getattr(new, k)]

@@ -14,6 +14,8 @@ POST     /v1/functions/NAME/invoke           {"method", "path", "query", "header
 POST     /v1/functions/NAME/invocations      {"event": ...}: queue it (202, its id)
 GET      /v1/functions/NAME/invocations      ?limit=N&status=S: recent async invocations
 GET      /v1/functions/NAME/invocations/ID   one: status, attempts, result or error
+POST     /v1/functions/NAME/debug            {"port": P}: a debugger's worker (hourai.debug)
+DELETE   /v1/functions/NAME/debug            end its debug session
 GET      /v1/functions/NAME/logs             ?lines=N | ?cursor=C&wait=S
 GET      /v1/stats                           functions, tenants, host
 POST     /v1/reload                          re-read the config file (like SIGHUP)
@@ -78,6 +80,8 @@ class Operations(Protocol):
     async def invocations_of(
         self, name: str, iid: str | None, limit: int, status: str | None
     ) -> dict[str, Any]: ...
+    async def debug(self, name: str, port: int) -> dict[str, Any]: ...
+    async def debug_stop(self, name: str) -> dict[str, Any]: ...
     async def logs(
         self, name: str, lines: int | None, cursor: str | None, wait: float
     ) -> dict[str, Any]: ...
@@ -119,6 +123,8 @@ class ControlAPI:
             (
                 re.compile(rf"/v1/functions/{name}/invocations/(?P<id>[0-9a-f]{{32}})"),
                 {"GET": self._invocations},
+                re.compile(rf"/v1/functions/{name}/debug"),
+                {"POST": self._debug, "DELETE": self._debug_stop},
             ),
             (re.compile(r"/v1/stats"), {"GET": self._stats}),
             (re.compile(r"/v1/reload"), {"POST": self._reload}),
@@ -195,6 +201,14 @@ class ControlAPI:
         status = query.get("status", [None])[-1]
         iid = m.groupdict().get("id")
         return json_response(200, await self.ops.invocations_of(m["name"], iid, limit, status))
+    async def _debug(self, request: Request, m: re.Match[str]) -> Response:
+        port = _body(request, required=False).get("port", 5678)
+        if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
+            raise ApiError(400, "port must be an integer from 0 to 65535")
+        return json_response(200, await self.ops.debug(m["name"], port))
+
+    async def _debug_stop(self, request: Request, m: re.Match[str]) -> Response:
+        return json_response(200, await self.ops.debug_stop(m["name"]))
 
     async def _logs(self, request: Request, m: re.Match[str]) -> Response:
         query = parse_qs(request.query, keep_blank_values=True)

@@ -15,6 +15,7 @@ import itertools
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import tempfile
@@ -35,6 +36,7 @@ from hourai.cgroup import (
 from hourai.cgroup.owner import SubtreeClaim, claim_subtree
 from hourai.channel import AsyncChannel
 from hourai.codestore import CodeStore
+from hourai.debug import Debugger
 from hourai.ingress import Request, Response, error_response
 from hourai.invocations.runner import InvokeEvent, Outcome
 from hourai.isolate import sandbox
@@ -77,6 +79,7 @@ from hourai.snapshot.manager import (
     kill_pid,
 )
 from hourai.tenants import DEFAULT_UID_RANGE, TenantDirectory
+from hourai.tracing import RequestTrace, Tracer, TracingSettings
 from hourai.units import format_size
 
 log = logging.getLogger("hourai")
@@ -93,6 +96,9 @@ REFILL_DELAY = 0.005
 ZYGOTE_RESTART_DELAY = 0.2
 ZYGOTE_RESTART_MAX_DELAY = 30.0
 DEFAULT_MAX_RESPONSE = FunctionLimits().max_response_size  # a removed function's last answers
+# The mark a worker puts before the lines of an invocation (hourai.isolate.context): its
+# request id, and its trace id when traced. Checked, since a function can print anything.
+_LINE_MARK = re.compile(r"\x1f([0-9a-f]{1,16}-[0-9]{1,10})(?: ([0-9a-f]{32}))?\x1f")
 
 
 class DeployError(Exception):
@@ -155,6 +161,8 @@ class RuntimeSettings:
     policy: PolicyParams | None = field(default_factory=PolicyParams)
     # Where functions' declared packages come from ([packages] in the config).
     packages: IndexSettings = field(default_factory=IndexSettings)
+    # OpenTelemetry traces ([tracing] in the config); off unless enabled.
+    tracing: TracingSettings = field(default_factory=TracingSettings)
 
 
 @dataclass(eq=False)
@@ -175,6 +183,7 @@ class Pending:
     wid: int | None = None
     timeout: float | None = None  # its own invocation timeout (async); None: the function's
     event: bytes | None = None  # a direct invocation's event (JSON), instead of HTTP
+    trace: RequestTrace | None = None  # its spans, when tracing is on
 
 
 @dataclass(eq=False)
@@ -189,6 +198,9 @@ class WorkerProc:
     killed: bool = False
     exit: ExitStatus | None = None
     oom_mark: int = 0  # the tenant's OOM kill count when forked: a later rise means OOM
+    # Wall-clock ns of the fork (asked, ready), for the trace of the request it started.
+    fork_ns: tuple[int, int] = (0, 0)
+    served: bool = False
 
 
 @dataclass(eq=False)
@@ -198,6 +210,7 @@ class Version:
     built: asyncio.Future[dict[str, Any]] | None = None
     workers_by_pid: dict[int, WorkerProc] = field(default_factory=dict)
     build_started: float = 0.0
+    build_ns: tuple[int, int] = (0, 0)  # wall clock, for traces of cold starts
 
 
 class Runtime:
@@ -255,6 +268,8 @@ class Runtime:
         self.resources = (
             ResourceManager(self, self.settings.policy) if self.settings.policy else None
         )
+        self.tracer = Tracer(self.settings.tracing) if self.settings.tracing.enabled else None
+        self.debugger = Debugger(self)
 
     def problems(self) -> list[str]:
         """What keeps the runtime from serving as deployed, right now (for /healthz)."""
@@ -303,6 +318,7 @@ class Runtime:
                 log.warning("could not save the policy state: %s", exc)
         for task in list(self._tasks):
             task.cancel()
+        self.debugger.stop_all()
         for pending in list(self.pending.values()):
             self._answer(pending, error_response(503, "hourai is shutting down"))
         for worker in list(self.workers.values()):
@@ -316,6 +332,8 @@ class Runtime:
             if version.handle is not None:
                 version.handle.stopping = True
         await self.zygote.stop()
+        if self.tracer is not None:
+            self.tracer.shutdown()
         if self.subtree_claim is not None:
             try:
                 self.cgroups.remove_subtree()
@@ -519,6 +537,7 @@ class Runtime:
                 self.resources.declare_tenant(tenant, limits)
 
     def remove(self, name: str) -> None:
+        self.debugger.close(name, "the function was removed")
         self._apply(self.scheduler.remove(name))
         spec = self.functions.pop(name, None)
         if self.resources is not None:
@@ -583,6 +602,7 @@ class Runtime:
             return
         version.handle = handle
         version.build_started = self.loop.time()
+        version.build_ns = (time.time_ns(), 0)
         handle.on_lost = lambda reason: self._snapshot_lost(version, reason)
         self._spawn(self._await_build(version, handle), f"snapshot build {fid}")
 
@@ -602,6 +622,7 @@ class Runtime:
             info["attr"],
             info["init_ms"],
         )
+        version.build_ns = (version.build_ns[0], time.time_ns())
         if version.built is not None and not version.built.done():
             version.built.set_result(info)
         if self.resources is not None:
@@ -691,13 +712,30 @@ class Runtime:
         timeout: float | None = None,
         *,
         event: bytes | None = None,
+        traceparent: str | None = None,
+        trace_links: tuple[str, ...] = (),
     ) -> Response:
+        """Run one request; ``traceparent`` and ``trace_links`` place its trace when it did
+        not come with one in its headers (hourai.tracing says how)."""
         rid = next(self._rids)
         pending = Pending(
             rid, spec, request, root_path, path, self.loop.create_future(), self.loop.time()
         )
         pending.timeout = timeout
         pending.event = event
+        if self.tracer is not None:
+            pending.trace = self.tracer.request(
+                f"{request.method} {spec.name}",
+                request.headers,
+                {
+                    "faas.name": spec.name,
+                    "faas.version": spec.version,
+                    "http.request.method": request.method,
+                    "url.path": request.path,
+                },
+                traceparent=traceparent,
+                links=trace_links,
+            )
         if self.resources is not None:
             now = self.loop.time()
             if (spec.name, spec.version) not in self.versions:
@@ -709,7 +747,8 @@ class Runtime:
                     )
             self.resources.request_started(spec.name, now)
         self.pending[rid] = pending
-        self._apply(self.scheduler.submit(rid, spec.name, timeout))
+        if not (self.debugger.sessions and self.debugger.take(pending)):
+            self._apply(self.scheduler.submit(rid, spec.name, timeout))
         try:
             return await pending.future
         except asyncio.CancelledError:
@@ -729,6 +768,8 @@ class Runtime:
             self._request_ended(pending)
         if not pending.future.done():
             pending.future.set_result(response)
+        if pending.trace is not None:
+            self._trace_done(pending, response)
         if self._refills:
             self.loop.call_soon(self._flush_refills)
         if self.observers:
@@ -747,6 +788,28 @@ class Runtime:
                 (time.perf_counter() - pending.t0) * 1e3,
             )
 
+    def _trace_done(self, pending: Pending, response: Response) -> None:
+        assert pending.trace is not None
+        error_id = None
+        if response.status >= 500:
+            error_id = next((v for k, v in response.headers if k == "x-hourai-error-id"), None)
+        pending.trace.done(response.status, pending.start, error_id)
+        pending.trace = None
+
+    def _trace_dispatch(self, pending: Pending, worker: WorkerProc, request_id: str) -> str:
+        """The spans of the wait and the start path; the traceparent the function sees."""
+        assert pending.trace is not None
+        fork = build = None
+        if not worker.served and pending.start in ("fork", "cold"):
+            fork = worker.fork_ns
+            if pending.start == "cold":
+                version = self.versions.get((worker.function, worker.version))
+                if version is not None and version.build_ns[1]:
+                    build = version.build_ns
+        return pending.trace.dispatched(
+            pending.start, worker.pid, request_id, fork=fork, build=build
+        )
+
     def _send_invocation(self, pending: Pending, worker: WorkerProc) -> None:
         req = pending.request
         spec = pending.spec
@@ -755,6 +818,16 @@ class Runtime:
         worker.inflight[pending.rid] = pending
         # New limits apply to warm workers too: the answer is bounded by today's option.
         worker.channel.max_frame = response_frame_limit(spec.limits.max_response_size)
+        request_id = f"{pending.rid:x}-{worker.pid}"
+        headers = req.headers
+        extra: dict[str, Any] = {} if pending.event is None else {"event": pending.event}
+        if pending.trace is not None:
+            traceparent = self._trace_dispatch(pending, worker, request_id)
+            # The function's parent is hourai's invocation span, not the caller's span.
+            headers = [h for h in headers if h[0] != "traceparent"]
+            headers.append(("traceparent", traceparent))
+            extra["trace"] = traceparent
+        worker.served = True
         worker.channel.send(
             {
                 "t": "inv",
@@ -763,16 +836,16 @@ class Runtime:
                 "path": pending.path,
                 "root_path": pending.root_path,
                 "query": req.query,
-                "headers": req.headers,
+                "headers": headers,
                 "body": req.body,
                 "client": req.client,
                 "server": req.server,
                 "scheme": "http",
                 "http_version": req.http_version,
-                "request_id": f"{pending.rid:x}-{worker.pid}",
+                "request_id": request_id,
                 "function": spec.name,
                 "deadline_ms": int(max(remaining, 0) * 1000),
-                **({} if pending.event is None else {"event": pending.event}),
+                **extra,
             }
         )
 
@@ -786,6 +859,7 @@ class Runtime:
             kill_pid(pid)
             return
         worker.pid = pid
+        worker.fork_ns = (worker.fork_ns[0], time.time_ns())
         worker.output = OutputReader(
             self.loop, out_fd, f"{worker.function}#{pid}", self._function_output
         )
@@ -793,6 +867,9 @@ class Runtime:
         version.workers_by_pid[pid] = worker
         if self.resources is not None:
             self.resources.worker_started(worker.function, pid)
+        if wid < 0:  # a debug session's, unknown to the scheduler (hourai.debug)
+            self.debugger.forked(worker)
+            return
         self._apply(self.scheduler.worker_ready(wid))
 
     def _worker_channel(self, worker: WorkerProc, spec: FunctionSpec, sock: Any) -> AsyncChannel:
@@ -810,6 +887,8 @@ class Runtime:
         """A frame from a worker. Tenant code can write on the channel, so nothing in it is
         used before it is checked; a Violation raised here closes the channel, and
         _worker_channel_lost kills the worker and says why."""
+        if worker.wid < 0 and self.debugger.message(worker, msg):
+            return  # a debug worker's own report (checked by the debugger)
         spec = self.functions.get(worker.function)
         limit = spec.limits.max_response_size if spec is not None else DEFAULT_MAX_RESPONSE
         check_worker_reply(msg, limit)
@@ -844,6 +923,9 @@ class Runtime:
                 ],
             )
         self._answer(pending, response)
+        if worker.wid < 0:
+            self.debugger.finished(worker)
+            return
         self._apply(self.scheduler.finished(worker.wid, pending.rid))
 
     def _worker_channel_lost(self, worker: WorkerProc, reason: str) -> None:
@@ -903,6 +985,9 @@ class Runtime:
         log.warning("%s#%d %s", worker.function, worker.pid, reason)
         self._verdict(worker.function, f"worker {worker.pid}: {reason}")
         self._forget_worker(worker)
+        if worker.wid < 0:
+            self.debugger.worker_gone(worker)
+            return
         # An OOM kill is the invocation's doing, not a function that cannot start.
         oom = self._oom_killed(worker)
         self._apply(self.scheduler.worker_died(worker.wid, reason, oom=oom))
@@ -948,15 +1033,25 @@ class Runtime:
 
     def _function_output(self, tag: str, line: str) -> None:
         """One line a function printed (already held to its output budget by the reader).
-        It goes to the function's own log; the daemon's log gets a copy only when nothing
-        keeps function logs (`hourai run`, where the terminal is the function's log)."""
+        A worker marks the lines of an invocation with its request id (and trace id): that
+        goes into the tag and the JSON log's fields. The line goes to the function's own log;
+        the daemon's log gets a copy only when nothing keeps function logs (`hourai run`,
+        where the terminal is the function's log)."""
+        extra = None
+        if line.startswith("\x1f"):
+            marked = _LINE_MARK.match(line)
+            if marked is not None:
+                request_id, trace_id = marked.groups()
+                line = line[marked.end() :]
+                tag = f"{tag} req={request_id}" + (f" trace={trace_id}" if trace_id else "")
+                extra = {"request_id": request_id, "trace_id": trace_id}
         kept = False
         function = function_of(tag)
         for observer in self.observers:
             observer.function_output(function, tag, line)
             kept = kept or observer.keeps_function_output
         if not kept:
-            function_log.info("[%s] %s", tag, line)
+            function_log.info("[%s] %s", tag, line, extra=extra)
 
     def _verdict(self, function: str, message: str) -> None:
         for observer in self.observers:
@@ -1006,6 +1101,7 @@ class Runtime:
             elif isinstance(d, Fork):
                 version = self.versions.get((d.function, d.version))
                 worker = WorkerProc(d.worker_id, d.function, d.version)
+                worker.fork_ns = (time.time_ns(), 0)
                 if version is not None:
                     worker.oom_mark = self.cgroups.oom_kill_count(version.spec.tenant)
                 self.workers[d.worker_id] = worker
@@ -1043,6 +1139,9 @@ class Runtime:
     def _fork_failed(self, wid: int, error: str) -> None:
         log.warning("fork of worker %d failed: %s", wid, error)
         self.workers.pop(wid, None)
+        if wid < 0:
+            self.debugger.fork_failed(wid, error)
+            return
         self._apply(self.scheduler.fork_failed(wid, error))
 
     def _arm_timer(self) -> None:

@@ -39,7 +39,8 @@ READ_LIMIT = 1 << 20  # bytes one read of the logs returns at most
 
 
 class JsonFormatter(logging.Formatter):
-    """One JSON object per line: ts (RFC 3339, UTC), level, logger, msg, and exc if any."""
+    """One JSON object per line: ts (RFC 3339, UTC), level, logger, msg, and exc if any;
+    a function's line also request_id (and trace_id when traced)."""
 
     def format(self, record: logging.LogRecord) -> str:
         doc: dict[str, Any] = {
@@ -49,6 +50,13 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "msg": record.getMessage(),
         }
+        # A function's line names the invocation that printed it (see Runtime._function_output).
+        request_id = getattr(record, "request_id", None)
+        if request_id is not None:
+            doc["request_id"] = request_id
+            trace_id = getattr(record, "trace_id", None)
+            if trace_id is not None:
+                doc["trace_id"] = trace_id
         if record.exc_info:
             doc["exc"] = "".join(traceback.format_exception(*record.exc_info)).rstrip()
         return json.dumps(doc, ensure_ascii=False)

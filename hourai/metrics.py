@@ -333,6 +333,19 @@ class Metrics(Observer):
             cap = GaugeMetricFamily("hourai_host_workers_max", "configured max_host_workers")
             cap.add_metric([], host["max_host_workers"])
             yield cap
+        tracer = runtime.tracer
+        if tracer is not None:
+            dropped = CounterMetricFamily(
+                "hourai_trace_spans_dropped",
+                "spans lost before reaching the collector (export queue full, export failed)",
+            )
+            dropped.add_metric([], tracer.dropped)
+            yield dropped
+            exported = CounterMetricFamily(
+                "hourai_trace_spans_exported", "spans the collector accepted"
+            )
+            exported.add_metric([], tracer.exported)
+            yield exported
 
         yield from self._tenants()
         for collector in self.collectors:

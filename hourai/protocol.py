@@ -30,7 +30,11 @@ snapshot channel
 
 worker channel
   → ``inv``      {id, method, path, root_path, query, headers, body, client, server,
-                  scheme, http_version, request_id, function, deadline_ms}
+                  scheme, http_version, request_id, function, deadline_ms,
+                  [event], [trace]}
+                 optional: ``event`` a direct invocation's JSON event; ``trace`` the W3C
+                 traceparent of hourai's invocation span when tracing is on (the worker
+                 makes it the function's current OpenTelemetry context, hourai.isolate.context)
   ← ``res``      {id, status, headers, body}
   ← ``err``      {id, error_id, error}       the function raised; the worker lives on
 
@@ -39,6 +43,11 @@ daemon treats what comes back as hostile input: the decoder of a worker channel 
 by the function's ``max_response_size`` (refused from the length prefix alone, before the
 body is buffered), and :func:`check_worker_reply` checks every field of every frame before
 the daemon touches it. Both raise :class:`Violation`, which names what was wrong.
+  ← ``err``      {id, error_id, error, details}   the function raised; the worker lives on
+  → ``debug``    {port, path}                open a debugpy listener on 127.0.0.1:port, debugpy
+                                             imported from ``path`` (hourai debug; sent only
+                                             to a worker forked for the session)
+  ← ``debugging`` {host, port, pid} | {error}
 """
 
 from __future__ import annotations

@@ -53,6 +53,7 @@ from hourai.daemon import (
     event_invoker,
     http_handler,
 )
+from hourai.debug import DebugError
 from hourai.ingress import HttpProtocol, Request, serve
 from hourai.invocations.manager import Invocations
 from hourai.invocations.queue import QueueError
@@ -175,6 +176,7 @@ class Daemon:
                     if config.adaptive
                     else None,
                     packages=_index_settings(config),
+                    tracing=config.tracing,
                 )
             )
         except (RuntimeError, CgroupError, OSError) as exc:
@@ -790,6 +792,21 @@ class Daemon:
         await self._collect_garbage()
         self.notifier.status(self._status())
         return {"removed": name, "versions": len(record.versions)}
+
+    async def debug(self, name: str, port: int) -> dict[str, Any]:
+        """A debug session on a fresh worker of the function (hourai.debug)."""
+        self._require("ready")
+        self._record(name)
+        try:
+            return await self.runtime.debugger.open(name, port)
+        except DebugError as exc:
+            raise ApiError(409, str(exc)) from None
+
+    async def debug_stop(self, name: str) -> dict[str, Any]:
+        self._record(name)
+        if not self.runtime.debugger.close(name, "hourai debug --stop"):
+            raise ApiError(409, f"{name} has no debug session")
+        return {"function": name, "stopped": True}
 
     async def rollback(self, name: str, version: str | None) -> dict[str, Any]:
         self._require("ready")

@@ -153,6 +153,10 @@ def test_every_key_is_read() -> None:
         ("[log]\ncolour = 1", "[log]: unknown key 'colour'"),
         ("[packages]\nindex = 'x'", "[packages]: unknown key 'index'"),
         ("[packages]\nno_index = true", "[packages] no_index needs find_links"),
+        ("[tracing]\nendpoint = 'localhost:4318'", "[tracing] endpoint: must be an http://"),
+        ("[tracing]\nprotocol = 'zipkin'", "[tracing] protocol: must be one of http/protobuf"),
+        ("[tracing]\nsample_ratio = 2", "[tracing] sample_ratio: must be between 0 and 1"),
+        ("[tracing]\nsampling = 1", "[tracing]: unknown key 'sampling'"),
         ("[defaults]\ncolour = 1", "[defaults]: unknown key 'colour'"),
         ("[defaults]\nentry = 'app'", "[defaults]: unknown key 'entry'"),
         ("[defaults]\nenv = {A = 'b'}", "[defaults]: unknown key 'env'"),
@@ -297,7 +301,7 @@ def test_hourai_daemon_refuses_a_bad_config_at_start(tmp_path) -> None:
 
 def test_every_key_is_documented_in_the_readme_with_its_default() -> None:
     """The README's configuration reference is the contract: no key may be missing from it."""
-    from hourai.config import LOG_KEYS, PACKAGES_KEYS, TOP_KEYS
+    from hourai.config import LOG_KEYS, PACKAGES_KEYS, TOP_KEYS, TRACING_KEYS
 
     readme = (REPO / "README.md").read_text()
     assert "### Configuration reference" in readme, "README.md lacks the daemon's config reference"
@@ -308,6 +312,18 @@ def test_every_key_is_documented_in_the_readme_with_its_default() -> None:
     missing = [k for k in TOP_KEYS if f"`{k}`" not in rows]
     missing += [f"[log] {k}" for k in LOG_KEYS if f"`[log] {k}`" not in rows]
     missing += [f"[packages] {k}" for k in PACKAGES_KEYS if f"`[packages] {k}`" not in rows]
+    missing += [f"[tracing] {k}" for k in TRACING_KEYS if f"`[tracing] {k}`" not in rows]
     missing += [k for k in FUNCTION_OPTIONS if f"`{k}`" not in rows]
     assert not missing, f"README.md does not document {missing}"
     assert all(len(row.split("|")) >= 4 and row.split("|")[2].strip() for row in rows.values())
+
+
+def test_tracing_is_off_unless_enabled_and_read_whole() -> None:
+    assert parse("").tracing.enabled is False
+    tracing = parse(
+        "[tracing]\nenabled = true\nendpoint = 'http://127.0.0.1:4318/v1/traces'\n"
+        "protocol = 'grpc'\nsample_ratio = 0.25\nservice_name = 'edge'\ntimeout = 2\n"
+        "max_queue_size = 100\n"
+    ).tracing
+    assert tracing.enabled and tracing.protocol == "grpc" and tracing.sample_ratio == 0.25
+    assert (tracing.service_name, tracing.timeout, tracing.max_queue_size) == ("edge", 2.0, 100)

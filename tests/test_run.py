@@ -105,8 +105,9 @@ def test_function_output_is_logged_tagged_with_function_and_worker(hourai_run) -
     proc = hourai_run(BEHAVE, "--spares", "0")
     pid = host_pid(proc.proc.pid, request(proc.port, "/pid").json())
     request(proc.port, "/print?msg=marker42")
-    proc.wait_for(rf"\[behave#{pid}\] out: marker42")
-    proc.wait_for(rf"\[behave#{pid}\] err: marker42")
+    # and with the request that printed it
+    proc.wait_for(rf"\[behave#{pid} req=[0-9a-f]+-\d+\] out: marker42")
+    proc.wait_for(rf"\[behave#{pid} req=[0-9a-f]+-\d+\] err: marker42")
 
 
 def test_access_log_says_start_path_and_latency(hourai_run) -> None:

@@ -23,7 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from hourai.channel import AsyncChannel, BlockingChannel, ChannelClosed
-from hourai.isolate import direct
+from hourai.isolate import context, debugging, direct
 from hourai.isolate.adapters import Invoker, new_event_loop
 from hourai.isolate.tracebacks import user_paths
 from hourai.protocol import MAX_ERROR_TEXT, Message, ProtocolError
@@ -78,14 +78,22 @@ def serve_worker(channel: BlockingChannel, invoker: Invoker, spec: dict[str, Any
     me = os.getpid()
     if not select.select([channel.sock], [], [], 0)[0]:
         warm_up(invoker)  # nothing is waiting: we are a spare, pay the page faults now
+    debug = False
     while True:
         try:
             inv, _fds = channel.recv()
         except ChannelClosed:
             return
         if inv["t"] != "inv":
+            if inv["t"] == "debug":  # hourai debug: this worker is the session's
+                debug = True
+                channel.send(debugging.start(inv))
             continue
+        if debug:
+            debugging.busy(1)
         reply = run_invocation(invoker, inv)
+        if debug:
+            debugging.busy(-1)
         if os.getpid() != me:
             # The function forked and this is the child coming back: it must never answer
             # on (or read from) the worker's channel.
@@ -105,10 +113,13 @@ def send_reply(
 
 
 def run_invocation(invoker: Invoker, inv: dict[str, Any]) -> dict[str, Any]:
+    tokens = context.enter(inv)
     try:
         result = direct.run(invoker, inv) if "event" in inv else invoker.invoke(inv)
     except Exception as exc:
         return error_reply(inv, exc)
+    finally:
+        context.leave(tokens)
     return {
         "t": "res",
         "id": inv["id"],
@@ -159,7 +170,13 @@ def serve_worker_concurrent(sock: socket.socket, invoker: Invoker, concurrency: 
     closed: asyncio.Future[None] = loop.create_future()
     tasks: set[asyncio.Task[None]] = set()
 
+    debug = False
+
     async def handle(inv: dict[str, Any]) -> None:
+        # Each task has a context of its own, so this marks only this invocation's lines.
+        context.enter(inv)
+        if debug:
+            debugging.busy(1)
         try:
             if "event" in inv:
                 result = await direct.run_async(invoker, inv)
@@ -174,6 +191,9 @@ def serve_worker_concurrent(sock: socket.socket, invoker: Invoker, concurrency: 
             }
         except Exception as exc:
             reply = error_reply(inv, exc)
+        finally:
+            if debug:
+                debugging.busy(-1)
         if os.getpid() != me:
             os._exit(0)  # a fork of the function's, see serve_worker
         send_reply(channel, inv, reply)
@@ -183,6 +203,10 @@ def serve_worker_concurrent(sock: socket.socket, invoker: Invoker, concurrency: 
             task = loop.create_task(handle(msg))
             tasks.add(task)
             task.add_done_callback(tasks.discard)
+        elif msg["t"] == "debug":
+            nonlocal debug
+            debug = True
+            channel.send(debugging.start(msg))
 
     def on_close(_reason: str) -> None:
         if not closed.done():

@@ -29,6 +29,7 @@ import traceback
 from typing import Any
 
 from hourai.channel import BlockingChannel, ChannelClosed
+from hourai.isolate import context as invocation_context
 from hourai.isolate import sandbox
 from hourai.isolate.adapters import Invoker, StartupError
 from hourai.isolate.loader import LoadError, Target, load
@@ -261,6 +262,8 @@ class Snapshot:
     def run(self) -> None:
         started = time.perf_counter()
         show_as(self.spec.get("cwd"), self.spec.get("source_root"))
+        # before the import: a logging handler made at import keeps the stream it saw
+        invocation_context.install()
         try:
             target = Target(**self.spec["target"])
             invoker = load(

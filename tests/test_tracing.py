@@ -1,0 +1,353 @@
+"""Traces for real: a daemon exports over OTLP/HTTP to a receiver on a loopback port, and the
+span tree (the caller's trace continued, queue, start path, snapshot build, invocation, the
+function's own span under hourai's) is checked as it arrived. Plus each printed line's
+request id (and trace id) in the function's log."""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+from conftest import wait_until
+
+from hourai.tracing import format_traceparent, parse_traceparent
+
+pytest.importorskip("opentelemetry.proto.collector.trace.v1.trace_service_pb2")
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
+
+CALLER_TRACE = 0x0AF7651916CD43DD8448EB211C80319C
+CALLER_SPAN = 0xB7AD6B7169203331
+
+
+@dataclass
+class Span:
+    service: str
+    trace_id: str
+    span_id: str
+    parent: str
+    name: str
+    attributes: dict[str, Any]
+    links: list[str] = field(default_factory=list)
+
+
+class Receiver:
+    """An OTLP/HTTP trace receiver: POST /v1/traces with an ExportTraceServiceRequest."""
+
+    def __init__(self) -> None:
+        self.spans: list[Span] = []
+        self.lock = threading.Lock()
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("content-length", "0")))
+                if self.path != "/v1/traces":
+                    self.send_response(404)
+                    self.end_headers()
+                    return
+                request = trace_service_pb2.ExportTraceServiceRequest()
+                request.ParseFromString(body)
+                receiver.add(request)
+                out = trace_service_pb2.ExportTraceServiceResponse().SerializeToString()
+                self.send_response(200)
+                self.send_header("content-type", "application/x-protobuf")
+                self.send_header("content-length", str(len(out)))
+                self.end_headers()
+                self.wfile.write(out)
+
+            def log_message(self, *_args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_address[1]
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def add(self, request: Any) -> None:
+        with self.lock:
+            for rs in request.resource_spans:
+                service = next(
+                    (
+                        a.value.string_value
+                        for a in rs.resource.attributes
+                        if a.key == "service.name"
+                    ),
+                    "",
+                )
+                for ss in rs.scope_spans:
+                    for s in ss.spans:
+                        attrs = {}
+                        for a in s.attributes:
+                            v = a.value
+                            attrs[a.key] = getattr(v, v.WhichOneof("value") or "string_value")
+                        self.spans.append(
+                            Span(
+                                service,
+                                s.trace_id.hex(),
+                                s.span_id.hex(),
+                                s.parent_span_id.hex(),
+                                s.name,
+                                attrs,
+                                [link.span_id.hex() for link in s.links],
+                            )
+                        )
+
+    def trace(self, trace_id: str) -> list[Span]:
+        with self.lock:
+            return [s for s in self.spans if s.trace_id == trace_id]
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    r = Receiver()
+    yield r
+    r.close()
+
+
+FUNCTION = """
+import json
+from opentelemetry import trace
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+
+provider = TracerProvider(resource=Resource.create({{"service.name": "user-fn"}}))
+provider.add_span_processor(
+    SimpleSpanProcessor(OTLPSpanExporter(endpoint="http://127.0.0.1:{port}/v1/traces"))
+)
+trace.set_tracer_provider(provider)
+tracer = trace.get_tracer("user")
+
+
+def handler(event, context):
+    with tracer.start_as_current_span("user.work"):
+        print("working on", event["rawPath"])
+    if event["rawPath"].endswith("/fail"):
+        raise RuntimeError("asked to fail")
+    return {{"seen": event["headers"].get("traceparent")}}
+"""
+
+
+def _deploy(hourai_daemon: Any, receiver: Receiver, extra: str = "") -> Any:
+    d = hourai_daemon(
+        "[defaults]\nspares = 0\n"
+        f"[tracing]\nenabled = true\nendpoint = 'http://127.0.0.1:{receiver.port}/v1/traces'\n"
+        + extra
+    )
+    fn = Path(hourai_daemon.root) / "traced"
+    fn.mkdir()
+    (fn / "handler.py").write_text(FUNCTION.format(port=receiver.port))
+    fn.chmod(0o755)
+    (fn / "handler.py").chmod(0o644)
+    d.cli("deploy", "traced", str(fn / "handler.py"))
+    return d
+
+
+def _children(spans: list[Span], parent: Span) -> list[Span]:
+    return [s for s in spans if s.parent == parent.span_id]
+
+
+def _one(spans: list[Span], name: str) -> Span:
+    found = [s for s in spans if s.name == name]
+    assert len(found) == 1, (name, [s.name for s in spans])
+    return found[0]
+
+
+@pytest.mark.slow
+def test_the_span_tree_arrives_over_otlp(hourai_daemon, receiver: Receiver) -> None:
+    d = _deploy(hourai_daemon, receiver)
+    # a lost snapshot is rebuilt by the next request: a true cold start
+    zygote = next(
+        p for p in psutil.Process(d.proc.pid).children() if "zygote" in " ".join(p.cmdline())
+    )
+    (snapshot,) = zygote.children()
+    snapshot.kill()
+    wait_until(lambda: not zygote.children())
+    time.sleep(0.5)  # for the daemon to hear of the loss (there is nothing to poll for)
+    caller = format_traceparent(CALLER_TRACE, CALLER_SPAN, 1)
+    first = d.get("/traced/a", headers={"traceparent": caller})
+    assert first.status == 200, first.body
+    trace_id = f"{CALLER_TRACE:032x}"
+
+    # hourai's root span continues the caller's trace; the function saw hourai's own span
+    seen = parse_traceparent(first.json()["seen"])  # type: ignore[index]
+    assert seen is not None and seen[0] == CALLER_TRACE and seen[1] != CALLER_SPAN
+
+    names = {"GET traced", "hourai.queue", "hourai.start", "hourai.invoke", "user.work"}
+    wait_until(lambda: names <= {s.name for s in receiver.trace(trace_id)}, timeout=20)
+    wait_until(lambda: "hourai.snapshot.build" in {s.name for s in receiver.trace(trace_id)})
+    spans = receiver.trace(trace_id)
+    root = _one(spans, "GET traced")
+    assert root.parent == f"{CALLER_SPAN:016x}" and root.service == "hourai"
+    assert root.attributes["http.response.status_code"] == 200
+    assert {s.name for s in _children(spans, root)} == {"hourai.queue", "hourai.invoke"}
+    queue = _one(spans, "hourai.queue")
+    start = _one(spans, "hourai.start")
+    assert start.parent == queue.span_id and start.attributes["hourai.start"] == "cold"
+    assert {s.name for s in _children(spans, start)} == {"hourai.snapshot.build", "hourai.fork"}
+    invoke = _one(spans, "hourai.invoke")
+    assert invoke.span_id == f"{seen[1]:016x}" and invoke.attributes["hourai.start"] == "cold"
+    user = _one(spans, "user.work")
+    assert user.parent == invoke.span_id and user.service == "user-fn"
+
+    # the next one is warm and starts a trace of its own (no traceparent sent)
+    second = d.get("/traced/b")
+    assert second.start == "warm"
+    seen2 = parse_traceparent(second.json()["seen"])  # type: ignore[index]
+    assert seen2 is not None and seen2[0] != CALLER_TRACE
+    trace2 = f"{seen2[0]:032x}"
+    wait_until(lambda: {"hourai.start", "user.work"} <= {s.name for s in receiver.trace(trace2)})
+    spans2 = receiver.trace(trace2)
+    assert _one(spans2, "GET traced").parent == ""
+    assert _one(spans2, "hourai.start").attributes["hourai.start"] == "warm"
+    assert _one(spans2, "user.work").parent == _one(spans2, "hourai.invoke").span_id
+
+    # every line the function printed names its request and its trace
+    log = d.cli("logs", "traced").stdout
+    lines = [line for line in log.splitlines() if "working on" in line]
+    assert len(lines) == 2, log
+    assert f"trace={trace_id}" in lines[0] and "working on /traced/a" in lines[0]
+    assert f"trace={trace2}" in lines[1] and re.search(r"req=[0-9a-f]+-\d+ ", lines[1])
+    assert "\x1f" not in log
+
+    # the exporter's counts are metrics; nothing was lost with the collector up
+    from hourai.client import Client
+
+    wait_until(lambda: "hourai_trace_spans_exported_total" in Client(d.socket).metrics())
+    metrics = Client(d.socket).metrics()
+    assert "hourai_trace_spans_dropped_total 0.0" in metrics
+
+
+@pytest.mark.slow
+def test_a_failed_requests_lines_are_found_from_its_error_id(
+    hourai_daemon, receiver: Receiver
+) -> None:
+    d = _deploy(hourai_daemon, receiver, "[log]\nformat = 'json'\n")
+    failed = d.get("/traced/fail")
+    assert failed.status == 500
+    error_id = failed.headers["x-hourai-error-id"]
+    log = d.cli("logs", "traced").stdout
+    (error_line,) = [line for line in log.splitlines() if f"error {error_id}" in line]
+    request_id = re.search(r"req=([0-9a-f]+-\d+)", error_line).group(1)  # type: ignore[union-attr]
+    mine = [line for line in log.splitlines() if f"req={request_id}" in line]
+    assert any("working on /traced/fail" in line for line in mine)
+    assert any("RuntimeError: asked to fail" in line for line in mine)
+    # which `hourai logs --request` does from the error id alone
+    found = d.cli("logs", "traced", "--request", error_id).stdout.splitlines()
+    assert found == mine
+    assert d.cli("logs", "traced", "--request", request_id).stdout.splitlines() == mine
+
+    # the daemon's JSON log carries the same ids as fields
+    def json_lines() -> list[dict[str, Any]]:
+        out = []
+        for line in d.lines:
+            if line.startswith("{"):
+                doc = json.loads(line)
+                if doc.get("request_id") == request_id:
+                    out.append(doc)
+        return out
+
+    wait_until(lambda: any("working on /traced/fail" in doc["msg"] for doc in json_lines()))
+    assert all(len(doc.get("trace_id", "")) == 32 for doc in json_lines())
+    # the invocation span of a failure carries the error id
+    wait_until(
+        lambda: any(
+            s.name == "hourai.invoke" and s.attributes.get("hourai.error_id") == error_id
+            for s in receiver.spans
+        ),
+        timeout=20,
+    )
+
+
+def test_an_absent_collector_costs_requests_nothing_and_drops_are_counted() -> None:
+    import socket
+
+    from hourai.tracing import Tracer, TracingSettings
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    tracer = Tracer(
+        TracingSettings(
+            enabled=True,
+            endpoint=f"http://127.0.0.1:{port}/v1/traces",
+            timeout=10,
+            max_queue_size=16,
+        )
+    )
+    try:
+        started = time.perf_counter()
+        for i in range(200):
+            t = tracer.request("GET f", [], {})
+            t.dispatched("warm", 1, f"{i:x}-1")
+            t.done(200, "warm")
+        elapsed = time.perf_counter() - started
+        # 800 spans; the exporter's thread is stuck connecting, the loop is not
+        assert elapsed < 1.0, elapsed
+        assert tracer.dropped >= 800 - 16 - 512  # at most a queue and a batch were taken
+    finally:
+        stopping = time.perf_counter()
+        tracer.shutdown(timeout=0.5)
+        # not the exporter's 10 s for each batch left
+        assert time.perf_counter() - stopping < 3.0
+
+
+def test_traceparent_parsing() -> None:
+    good = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    assert parse_traceparent(good) == (CALLER_TRACE, CALLER_SPAN, 1)
+    assert format_traceparent(CALLER_TRACE, CALLER_SPAN, 1) == good
+    for bad in (
+        None,
+        "",
+        "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331",
+        "ff-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+        "00-00000000000000000000000000000000-b7ad6b7169203331-01",
+        "00-0af7651916cd43dd8448eb211c80319c-0000000000000000-01",
+        "00-0af7651916cd43dd8448eb211c80319g-b7ad6b7169203331-01",
+        good + "-extra",
+    ):
+        assert parse_traceparent(bad) is None, bad
+    # a later version may add fields: its first four are still read
+    assert parse_traceparent("01" + good[2:] + "-what") == (CALLER_TRACE, CALLER_SPAN, 1)
+
+
+def test_lines_written_during_an_invocation_carry_its_mark() -> None:
+    import io
+
+    from hourai.isolate import context
+
+    out = io.StringIO()
+    stream = context._Marked(out)  # type: ignore[arg-type]
+    stream.write("before\n")
+    tokens = context.enter(
+        {"request_id": "1f-42", "trace": "00-" + "a" * 32 + "-" + "b" * 16 + "-01"}
+    )
+    print("one", "two", file=stream)  # type: ignore[arg-type]
+    stream.write("three\nfour\npart")
+    stream.write("ial\n")
+    context.leave(tokens)
+    stream.write("after\n")
+    mark = "\x1f1f-42 " + "a" * 32 + "\x1f"
+    assert out.getvalue().split("\n") == [
+        "before",
+        mark + "one two",
+        mark + "three",
+        mark + "four",
+        mark + "partial",
+        "after",
+        "",
+    ]

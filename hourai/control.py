@@ -123,6 +123,8 @@ class ControlAPI:
             (
                 re.compile(rf"/v1/functions/{name}/invocations/(?P<id>[0-9a-f]{{32}})"),
                 {"GET": self._invocations},
+            ),
+            (
                 re.compile(rf"/v1/functions/{name}/debug"),
                 {"POST": self._debug, "DELETE": self._debug_stop},
             ),

@@ -904,13 +904,17 @@ class Runtime:
             headers.append(("x-hourai-start", pending.start))
             response = Response(msg["status"], headers, msg["body"])
         else:
+            ids = {"request_id": f"{pending.rid:x}-{worker.pid}", "error_id": msg["error_id"]}
+            if pending.trace is not None:
+                ids["trace_id"] = pending.trace.trace_id_hex
             log.error(
                 "%s#%d request %s raised %s (error id %s)",
                 spec.name,
                 worker.pid,
                 pending.rid,
-                msg["error"],
+                msg["error"][:500],
                 msg["error_id"],
+                extra=ids,
             )
             what = msg["error"][:500] if self.settings.show_errors else "an exception"
             response = error_response(

@@ -54,6 +54,9 @@ class JsonFormatter(logging.Formatter):
         request_id = getattr(record, "request_id", None)
         if request_id is not None:
             doc["request_id"] = request_id
+            error_id = getattr(record, "error_id", None)
+            if error_id is not None:
+                doc["error_id"] = error_id
             trace_id = getattr(record, "trace_id", None)
             if trace_id is not None:
                 doc["trace_id"] = trace_id

@@ -186,9 +186,11 @@ def check_snapshot_message(msg: Message, nfds: int) -> None:
         _fields({k: v for k, v in msg.items() if k != "nfds"}, fields)
     if nfds != fds:
         raise Violation(f"{t} frame: carries {nfds} fds, not {fds}")
-    for key in ("wid", "pid"):
-        if key in msg and (type(msg[key]) is not int or msg[key] < 0):
-            raise Violation(f"{t} frame: {key} must be a non-negative integer")
+    # (a debug session's worker has a negative id: the scheduler's are positive)
+    if "wid" in msg and type(msg["wid"]) is not int:
+        raise Violation(f"{t} frame: wid must be an integer")
+    if "pid" in msg and (type(msg["pid"]) is not int or msg["pid"] < 0):
+        raise Violation(f"{t} frame: pid must be a non-negative integer")
     for key in ("code", "signal"):
         if key in msg and msg[key] is not None and type(msg[key]) is not int:
             raise Violation(f"{t} frame: {key} must be an integer or nil")

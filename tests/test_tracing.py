@@ -261,7 +261,9 @@ def test_a_failed_requests_lines_are_found_from_its_error_id(
                     out.append(doc)
         return out
 
-    wait_until(lambda: any("working on /traced/fail" in doc["msg"] for doc in json_lines()))
+    # (the function's own lines stay in its log, not the daemon's: the daemon's line about
+    # the failure is what its JSON log holds)
+    wait_until(lambda: any(doc.get("error_id") == error_id for doc in json_lines()))
     assert all(len(doc.get("trace_id", "")) == 32 for doc in json_lines())
     # the invocation span of a failure carries the error id
     wait_until(

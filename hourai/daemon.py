@@ -915,6 +915,7 @@ class Runtime:
         """The client of a stream went away (or, ``reason``, fell too far behind): tell the
         worker, and replace it if it does not end the stream soon."""
         if reason:
+            log.warning("%s request %s: stream dropped: %s", worker.function, pending.rid, reason)
             self._verdict(worker.function, f"request {pending.rid}: stream dropped: {reason}")
         if worker.killed or worker.channel is None or pending.rid not in worker.inflight:
             return

@@ -9,12 +9,14 @@ the chunked framing are also driven by hypothesis.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import socket
 import struct
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import httptools
 import psutil
@@ -470,3 +472,51 @@ def test_the_ingress_cancels_a_stream_whose_client_left() -> None:
 
     asyncio.run(run())
     assert cancelled.is_set()
+
+
+# --------------------------------------------------------------------------- thread isolation
+
+
+@pytest.mark.parametrize("attr", ["raw_asgi", "wsgi_app"])
+def test_thread_isolation_streams_as_produced_too(streams, attr: str) -> None:
+    fn = streams(attr, "--concurrency", "4", "--max-workers", "1")
+    with _connect(fn.port) as a, _connect(fn.port) as b:
+        a.sendall(_get("/x?n=4&gap=0.2"))
+        b.sendall(_get("/x?n=4&gap=0.2"))
+        # both read at once: a line's arrival is when the client could first see it
+        with ThreadPoolExecutor(2) as pool:
+            results = list(pool.map(read_responses, (a, b)))
+    for (ex,) in results:
+        assert ex.done and ex.headers.get("transfer-encoding") == "chunked"
+        events = [(arrived, *_produced(line)) for arrived, line in ex.lines]
+        assert [i for _, i, _ in events] == list(range(4))
+        for (arrived, i, _), (_, _, next_produced) in itertools.pairwise(events):
+            assert arrived < next_produced, f"chunk {i} arrived after chunk {i + 1} was produced"
+
+
+def test_thread_isolation_drops_a_stream_its_client_does_not_take(streams) -> None:
+    """Several invocations share the channel, so it is not paused for one slow client: the
+    stream may hold max_response_size, then it is dropped; the worker serves on."""
+    fn = streams(
+        "raw_asgi", "--concurrency", "2", "--max-workers", "1", "--max-response-size", "2M"
+    )
+    daemon = psutil.Process(fn.proc.pid)
+    before = daemon.memory_info().rss
+    with _connect(fn.port) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+        sock.sendall(_get("/big?mb=200"))
+        wait_until(lambda: "stream dropped" in fn.log, timeout=30)
+        peak = daemon.memory_info().rss
+        received = 0
+        with contextlib.suppress(OSError):
+            for _ in range(100_000):
+                data = sock.recv(1 << 20)
+                if not data:
+                    break
+                received += len(data)
+    assert received < 100 << 20  # cut off, far short of the 200 MiB
+    assert peak - before < 48 << 20, f"the daemon grew by {(peak - before) >> 20} MiB"
+    with _connect(fn.port) as sock:
+        sock.sendall(_get("/x?n=2&gap=0.01"))
+        (ex,) = read_responses(sock, deadline=20)
+    assert ex.done and len(ex.lines) == 2

@@ -21,7 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httptools
 import psutil
 import pytest
-from conftest import FUNCTIONS, HouraiProcess, wait_until
+from conftest import EXAMPLES, FUNCTIONS, HouraiProcess, wait_until
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -520,3 +520,31 @@ def test_thread_isolation_drops_a_stream_its_client_does_not_take(streams) -> No
         sock.sendall(_get("/x?n=2&gap=0.01"))
         (ex,) = read_responses(sock, deadline=20)
     assert ex.done and len(ex.lines) == 2
+
+
+def test_the_timeout_covers_the_whole_stream(streams) -> None:
+    fn = streams("raw_asgi", "--timeout", "1", "--spares", "0")
+    began = time.monotonic()
+    with _connect(fn.port) as sock:
+        sock.sendall(_get("/forever"))
+        (ex,) = read_responses(sock, deadline=20)
+    assert ex.status == 200 and ex.lines and not ex.done  # cut off, not completed
+    assert 0.9 < time.monotonic() - began < 10
+    wait_until(lambda: "timed out after 1s" in fn.log, timeout=10)
+
+
+def test_flask_answers_stay_one_frame_and_the_log_has_a_streams_whole_latency(
+    hourai_run, streams
+) -> None:
+    flask = hourai_run(str(EXAMPLES / "flask_app" / "app.py"))
+    with _connect(flask.port) as sock:
+        sock.sendall(_get("/"))
+        (ex,) = read_responses(sock)
+    assert "content-length" in ex.headers and "transfer-encoding" not in ex.headers
+    fn = streams("raw_asgi")
+    with _connect(fn.port) as sock:
+        sock.sendall(_get("/x?n=4&gap=0.2"))
+        read_responses(sock)
+    wait_until(lambda: "raw-asgi GET /x?n=4&gap=0.2 200" in fn.log, timeout=10)
+    line = next(x for x in fn.log.splitlines() if "raw-asgi GET /x?n=4&gap=0.2 200" in x)
+    assert float(line.rsplit(" ", 1)[1].removesuffix("ms")) >= 550  # to the end: 3 gaps

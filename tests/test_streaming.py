@@ -26,6 +26,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from hourai.ingress import HttpProtocol, Request, Response, StreamSink, chunk_frame
+from hourai.isolate.adapters import AsgiInvoker, Outlet, WsgiInvoker
 from hourai.protocol import ResponseTooLarge, Violation, check_worker_reply
 
 STREAMS = str(FUNCTIONS / "streams.py")
@@ -548,3 +549,73 @@ def test_flask_answers_stay_one_frame_and_the_log_has_a_streams_whole_latency(
     wait_until(lambda: "raw-asgi GET /x?n=4&gap=0.2 200" in fn.log, timeout=10)
     line = next(x for x in fn.log.splitlines() if "raw-asgi GET /x?n=4&gap=0.2 200" in x)
     assert float(line.rsplit(" ", 1)[1].removesuffix("ms")) >= 550  # to the end: 3 gaps
+
+
+# --------------------------------------------------------------------------- adapters
+
+
+class _Outlet(Outlet):
+    def __init__(self, cancel_after: int | None = None) -> None:
+        super().__init__()
+        self.frames: list[tuple[str, bytes]] = []
+        self.cancel_after = cancel_after
+
+    def head(self, status: int, headers: list[list[str]], body: bytes) -> None:
+        self.started = True
+        self.frames.append(("head", body))
+
+    def chunk(self, body: bytes) -> None:
+        self.frames.append(("chunk", body))
+        if self.cancel_after is not None and len(self.frames) >= self.cancel_after:
+            self.cancel()
+
+
+def _inv(method: str = "GET") -> dict:  # type: ignore[type-arg]
+    return {"t": "inv", "id": 1, "method": method, "path": "/", "query": "", "headers": []}
+
+
+def test_wsgi_streams_generators_but_not_lists_or_known_lengths() -> None:
+    closed: list[str] = []
+
+    def app(environ, start_response):  # type: ignore[no-untyped-def]
+        headers = [("content-length", "4")] if environ["PATH_INFO"] == "/sized" else []
+
+        def gen() -> Iterator[bytes]:
+            try:
+                start_response("200 OK", headers)
+                yield b"ab"
+                yield b"cd"
+            finally:
+                closed.append("closed")
+
+        if environ["PATH_INFO"] == "/list":
+            start_response("200 OK", headers)
+            return [b"abcd"]
+        return gen()
+
+    invoker = WsgiInvoker(app, "app")
+    for path, streamed in (("/", True), ("/list", False), ("/sized", False)):
+        outlet = _Outlet()
+        result = invoker.invoke({**_inv(), "path": path}, outlet)
+        got = b"".join(b for _, b in outlet.frames) + result["body"]
+        assert got == b"abcd" and outlet.started is streamed, path
+    outlet = _Outlet()
+    result = invoker.invoke(_inv("HEAD"), outlet)
+    assert outlet.frames == [("head", b"")] and result["body"] == b""
+    assert closed[-1] == "closed"  # stopped at its first chunk, and closed
+
+
+def test_asgi_stops_the_app_when_its_client_leaves() -> None:
+    sent: list[int] = []
+
+    async def app(scope, receive, send):  # type: ignore[no-untyped-def]
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        for i in range(1000):
+            sent.append(i)
+            await send({"type": "http.response.body", "body": b"x", "more_body": True})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    invoker = AsgiInvoker(app, "app")
+    outlet = _Outlet(cancel_after=3)
+    result = invoker.invoke(_inv(), outlet)
+    assert len(sent) == 4 and result["body"] == b""  # the 4th send raised ClientGone

@@ -619,3 +619,22 @@ def test_asgi_stops_the_app_when_its_client_leaves() -> None:
     outlet = _Outlet(cancel_after=3)
     result = invoker.invoke(_inv(), outlet)
     assert len(sent) == 4 and result["body"] == b""  # the 4th send raised ClientGone
+
+
+def test_an_idle_sse_stream_is_stopped_as_soon_as_its_client_leaves(streams) -> None:
+    """FastAPI's StreamingResponse listens for the disconnect: with 30 s between events it
+    learns of the client's leaving at once, not at its next event (nor by a kill)."""
+    fn = streams("fastapi_app", "--max-workers", "1", "--spares", "0")
+    with _connect(fn.port) as sock:
+        sock.sendall(_get("/events?n=3&gap=30"))
+        got = b""
+        while b"data: 0" not in got:
+            got += sock.recv(4096)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    began = time.monotonic()
+    with _connect(fn.port) as sock:
+        sock.sendall(_get("/plain"))
+        (ex,) = read_responses(sock, deadline=20)
+    assert ex.status == 200 and bytes(ex.body) == b'{"hello":"world"}'
+    assert time.monotonic() - began < 1.5  # under the 2 s grace before a kill
+    assert "killed" not in fn.log

@@ -82,6 +82,14 @@ class Outlet:
             if self.on_cancel is not None:
                 self.on_cancel()
 
+    def cancel_fd(self) -> int | None:
+        """An fd that turns readable when a cancel may have come, for an event loop to watch
+        between chunks (then :meth:`check_cancel`); None: the cancel comes by itself."""
+        return None
+
+    def check_cancel(self) -> None:
+        """Look for a cancel now (see :meth:`cancel_fd`)."""
+
 
 class ClientGone(OSError):
     """Raised in an ASGI app's ``send`` once its client has gone (as uvicorn does)."""
@@ -583,6 +591,16 @@ class AsgiInvoker(_LoopOwner):
         chunks: list[bytes] = []
 
         stopped = False
+        watched: int | None = None
+
+        def watch() -> None:
+            # An app idle between events (a heartbeat every 30 s) learns of its client's
+            # leaving at once, from its disconnect listener, not at its next send.
+            nonlocal watched
+            assert outlet is not None
+            watched = outlet.cancel_fd()
+            if watched is not None:
+                asyncio.get_running_loop().add_reader(watched, outlet.check_cancel)
 
         def stop() -> None:
             # The app is told as uvicorn tells it: a disconnect from receive(), and sends
@@ -627,6 +645,8 @@ class AsgiInvoker(_LoopOwner):
                 if not more:
                     complete.set()
                 elif outlet is not None and (chunks or outlet.started):
+                    if not outlet.started:
+                        watch()
                     self._stream(inv, outlet, status, headers, chunks)
                     if outlet.cancelled or inv["method"] == "HEAD":
                         stop()
@@ -639,6 +659,8 @@ class AsgiInvoker(_LoopOwner):
             if not stopped:
                 raise  # otherwise: the app ended on its client's leaving, which is no error
         finally:
+            if watched is not None:
+                asyncio.get_running_loop().remove_reader(watched)
             # Release any task still waiting in receive() (a disconnect listener).
             complete.set()
         if status is None:

@@ -87,7 +87,7 @@ class ChannelOutlet(Outlet):
     """Outlet frames of one invocation: ``send`` puts a frame on the channel; ``poll``, if
     given, looks for a ``cancel`` after each chunk (process mode: nobody else reads)."""
 
-    __slots__ = ("_max", "_poll", "_send", "id")
+    __slots__ = ("_max", "_poll", "_send", "_watch", "id")
 
     def __init__(
         self,
@@ -95,9 +95,11 @@ class ChannelOutlet(Outlet):
         max_chunk: int,
         send: Callable[[Message], None],
         poll: Callable[[ChannelOutlet], None] | None = None,
+        watch: Callable[[], int] | None = None,
     ) -> None:
         super().__init__()
         self.id = rid
+        self._watch = watch
         self._max = max(1, max_chunk)
         self._send = send
         self._poll = poll
@@ -121,6 +123,13 @@ class ChannelOutlet(Outlet):
         step = self._max
         for i in range(0, len(body), step):
             self._send({"t": "chunk", "id": self.id, "body": body[i : i + step], "more": True})
+        if self._poll is not None:
+            self._poll(self)
+
+    def cancel_fd(self) -> int | None:
+        return self._watch() if self._watch is not None else None
+
+    def check_cancel(self) -> None:
         if self._poll is not None:
             self._poll(self)
 
@@ -154,6 +163,18 @@ def serve_worker(channel: BlockingChannel, invoker: Invoker, spec: dict[str, Any
     if not select.select([channel.sock], [], [], 0)[0]:
         warm_up(invoker)  # nothing is waiting: we are a spare, pay the page faults now
     poll = _poller(channel)
+    watcher: list[select.epoll] = []
+
+    def watch() -> int:
+        # An event loop's add_reader would make the channel's socket non-blocking, and the
+        # sends of a stream must block (that is the back-pressure): the loop watches an
+        # epoll instance that watches the socket instead.
+        if not watcher:
+            ep = select.epoll()
+            ep.register(channel.fileno(), select.EPOLLIN)
+            watcher.append(ep)
+        return watcher[0].fileno()
+
     while True:
         try:
             inv, _fds = channel.recv()
@@ -163,7 +184,7 @@ def serve_worker(channel: BlockingChannel, invoker: Invoker, spec: dict[str, Any
             continue  # e.g. the cancel of a stream that ended meanwhile
         outlet = None
         if "stream" in inv:
-            outlet = ChannelOutlet(inv["id"], inv["stream"], channel.send, poll)
+            outlet = ChannelOutlet(inv["id"], inv["stream"], channel.send, poll, watch)
         reply = run_invocation(invoker, inv, outlet)
         if os.getpid() != me:
             # The function forked and this is the child coming back: it must never answer

@@ -598,6 +598,8 @@ class AsgiInvoker(_LoopOwner):
             # leaving at once, from its disconnect listener, not at its next send.
             nonlocal watched
             assert outlet is not None
+            # Cancels come on this loop's thread (this loop reads the channel, or watches it).
+            outlet.on_cancel = stop
             watched = outlet.cancel_fd()
             if watched is not None:
                 asyncio.get_running_loop().add_reader(watched, outlet.check_cancel)
@@ -608,10 +610,6 @@ class AsgiInvoker(_LoopOwner):
             nonlocal stopped
             stopped = True
             complete.set()
-
-        if outlet is not None:
-            loop = asyncio.get_running_loop()
-            outlet.on_cancel = lambda: loop.call_soon_threadsafe(stop)
 
         async def receive() -> dict[str, Any]:
             nonlocal request_sent

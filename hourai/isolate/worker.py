@@ -183,7 +183,7 @@ def serve_worker(channel: BlockingChannel, invoker: Invoker, spec: dict[str, Any
         if inv["t"] != "inv":
             continue  # e.g. the cancel of a stream that ended meanwhile
         outlet = None
-        if "stream" in inv:
+        if "stream" in inv and invoker.kind != "handler":  # a handler's answer is buffered
             outlet = ChannelOutlet(inv["id"], inv["stream"], channel.send, poll, watch)
         reply = run_invocation(invoker, inv, outlet)
         if os.getpid() != me:
@@ -295,7 +295,7 @@ def serve_worker_concurrent(sock: socket.socket, invoker: Invoker, concurrency: 
 
     async def handle(inv: dict[str, Any]) -> None:
         outlet = None
-        if "stream" in inv:
+        if "stream" in inv and invoker.kind != "handler":
             outlet = outlets[inv["id"]] = ChannelOutlet(inv["id"], inv["stream"], send)
         try:
             if "event" in inv:

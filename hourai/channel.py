@@ -108,6 +108,7 @@ class AsyncChannel:
         "_fds",
         "_loop",
         "_out",
+        "_paused",
         "_with_fds",
         "error",
         "on_close",
@@ -136,11 +137,34 @@ class AsyncChannel:
         self._out: deque[tuple[bytes, list[int]]] = deque()
         self._with_fds = with_fds
         self._closed = False
+        self._paused = False
         loop.add_reader(sock.fileno(), self._on_readable)
 
     @property
     def closed(self) -> bool:
         return self._closed
+
+    @property
+    def paused(self) -> bool:
+        return self._paused
+
+    def pause_reading(self) -> None:
+        """Take no more frames from the peer until :meth:`resume_reading`: frames already
+        read stay undecoded, and the peer's sends block once the socket buffers are full
+        (that is the back-pressure: a slow consumer stops the producer)."""
+        if self._paused or self._closed:
+            return
+        self._paused = True
+        self._loop.remove_reader(self.sock.fileno())
+
+    def resume_reading(self) -> None:
+        if not self._paused or self._closed:
+            return
+        self._paused = False
+        self._loop.add_reader(self.sock.fileno(), self._on_readable)
+        if self._decoder.pending:
+            # Frames read before the pause come first; not from inside the caller's frame.
+            self._loop.call_soon(self._decode)
 
     @property
     def max_frame(self) -> int:
@@ -214,13 +238,16 @@ class AsyncChannel:
         if not data:
             self.close("closed by peer")
             return
-        decoder = self._decoder
         try:
-            decoder.push(data)
+            self._decoder.push(data)
         except ProtocolError as exc:
             self._broken(exc)
             return
-        while not self._closed:
+        self._decode()
+
+    def _decode(self) -> None:
+        decoder = self._decoder
+        while not self._closed and not self._paused:
             try:
                 msg = decoder.next()
             except ProtocolError as exc:

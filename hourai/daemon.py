@@ -78,6 +78,7 @@ from hourai.snapshot.manager import (
     function_of,
     kill_pid,
 )
+from hourai.streaming import WorkerStream
 from hourai.tenants import DEFAULT_UID_RANGE, TenantDirectory
 from hourai.tracing import RequestTrace, Tracer, TracingSettings
 from hourai.units import format_size
@@ -99,6 +100,11 @@ DEFAULT_MAX_RESPONSE = FunctionLimits().max_response_size  # a removed function'
 # The mark a worker puts before the lines of an invocation (hourai.isolate.context): its
 # request id, and its trace id when traced. Checked, since a function can print anything.
 _LINE_MARK = re.compile(r"\x1f([0-9a-f]{1,16}-[0-9]{1,10})(?: ([0-9a-f]{32}))?\x1f")
+# A worker told that its stream's client went away has this long to end the stream (it sees
+# the cancel at its next chunk) before it is killed and replaced.
+CANCEL_GRACE = 2.0
+# Chunk frames a worker sends are at most this large (and at most max_response_size).
+STREAM_CHUNK = 256 * 1024
 
 
 class DeployError(Exception):
@@ -184,6 +190,9 @@ class Pending:
     timeout: float | None = None  # its own invocation timeout (async); None: the function's
     event: bytes | None = None  # a direct invocation's event (JSON), instead of HTTP
     trace: RequestTrace | None = None  # its spans, when tracing is on
+    streamable: bool = False  # the caller takes a streaming response (HTTP ingress)
+    stream: WorkerStream | None = None  # its head was answered; the body is on its way
+    status: int = 0  # a streaming response's status, for the log at its end
 
 
 @dataclass(eq=False)
@@ -714,9 +723,13 @@ class Runtime:
         event: bytes | None = None,
         traceparent: str | None = None,
         trace_links: tuple[str, ...] = (),
+        stream: bool = False,
     ) -> Response:
-        """Run one request; ``traceparent`` and ``trace_links`` place its trace when it did
-        not come with one in its headers (hourai.tracing says how)."""
+        """Run one request. ``traceparent`` and ``trace_links`` place its trace when it did
+        not come with one in its headers (hourai.tracing says how). With ``stream``, a
+        response the function streams comes back as soon as its head does, with a
+        :class:`WorkerStream` for the rest (which the caller must attach or cancel); without,
+        the function's stream is buffered whole."""
         rid = next(self._rids)
         pending = Pending(
             rid, spec, request, root_path, path, self.loop.create_future(), self.loop.time()
@@ -736,6 +749,7 @@ class Runtime:
                 traceparent=traceparent,
                 links=trace_links,
             )
+        pending.streamable = stream and event is None
         if self.resources is not None:
             now = self.loop.time()
             if (spec.name, spec.version) not in self.versions:
@@ -764,18 +778,27 @@ class Runtime:
             self.resources.request_ended(pending.spec.name, self.loop.time())
 
     def _answer(self, pending: Pending, response: Response) -> None:
-        if self.pending.pop(pending.rid, None) is not None:
-            self._request_ended(pending)
+        if pending.stream is not None:
+            # Its head is on its way to the client: an error now can only cut the body off.
+            text = response.body.decode("utf-8", "replace").strip()
+            self._end_stream(pending, f"{response.status} {text}")
+            return
         if not pending.future.done():
             pending.future.set_result(response)
         if pending.trace is not None:
             self._trace_done(pending, response)
+        self._record(pending, response.status)
+
+    def _record(self, pending: Pending, status: int) -> None:
+        """The request is over (a stream: at its end): free it, log it, count it."""
+        if self.pending.pop(pending.rid, None) is not None:
+            self._request_ended(pending)
         if self._refills:
             self.loop.call_soon(self._flush_refills)
         if self.observers:
             seconds = time.perf_counter() - pending.t0
             for observer in self.observers:
-                observer.request_done(pending.spec.name, response.status, pending.start, seconds)
+                observer.request_done(pending.spec.name, status, pending.start, seconds)
         if access_log.isEnabledFor(logging.INFO):
             req = pending.request
             access_log.info(
@@ -783,7 +806,7 @@ class Runtime:
                 pending.spec.name,
                 req.method,
                 req.target,
-                response.status,
+                status,
                 pending.start,
                 (time.perf_counter() - pending.t0) * 1e3,
             )
@@ -846,6 +869,12 @@ class Runtime:
                 "function": spec.name,
                 "deadline_ms": int(max(remaining, 0) * 1000),
                 **extra,
+                # the largest chunk frame the worker may send, if the caller takes a stream
+                **(
+                    {"stream": min(STREAM_CHUNK, spec.limits.max_response_size)}
+                    if pending.streamable
+                    else {}
+                ),
             }
         )
 
@@ -892,6 +921,9 @@ class Runtime:
         spec = self.functions.get(worker.function)
         limit = spec.limits.max_response_size if spec is not None else DEFAULT_MAX_RESPONSE
         check_worker_reply(msg, limit)
+        if msg["t"] == "chunk":
+            self._stream_chunk(worker, msg)
+            return
         pending = worker.inflight.pop(msg["id"], None)
         if pending is None:
             # Every way a request leaves a worker without its answer (timeout, death,
@@ -899,23 +931,26 @@ class Runtime:
             # answered: an id not in flight was never asked for.
             raise Violation(f"answer to request {msg['id']}, which it was not running")
         spec = pending.spec
+        if pending.stream is not None or ("more" in msg and not pending.streamable):
+            worker.inflight[pending.rid] = pending  # the violation's 502 (or cut-off) is its end
+            if msg["t"] == "res":
+                what = "already streaming" if pending.stream else "not allowed to stream"
+                raise Violation(f"res frame for request {pending.rid}, {what}")
+            del worker.inflight[pending.rid]
+            self._log_error(worker, pending, msg)
+            self._end_stream(pending, f"function {spec.name} raised {msg['error'][:200]}")
+            self._apply(self.scheduler.finished(worker.wid, pending.rid))
+            return
         if msg["t"] == "res":
             headers = msg["headers"]
             headers.append(("x-hourai-start", pending.start))
+            if "more" in msg:
+                worker.inflight[pending.rid] = pending  # busy until the stream's last chunk
+                self._start_stream(worker, pending, Response(msg["status"], headers, msg["body"]))
+                return
             response = Response(msg["status"], headers, msg["body"])
         else:
-            ids = {"request_id": f"{pending.rid:x}-{worker.pid}", "error_id": msg["error_id"]}
-            if pending.trace is not None:
-                ids["trace_id"] = pending.trace.trace_id_hex
-            log.error(
-                "%s#%d request %s raised %s (error id %s)",
-                spec.name,
-                worker.pid,
-                pending.rid,
-                msg["error"][:500],
-                msg["error_id"],
-                extra=ids,
-            )
+            self._log_error(worker, pending, msg)
             what = msg["error"][:500] if self.settings.show_errors else "an exception"
             response = error_response(
                 500,
@@ -931,6 +966,102 @@ class Runtime:
             self.debugger.finished(worker)
             return
         self._apply(self.scheduler.finished(worker.wid, pending.rid))
+
+    def _log_error(self, worker: WorkerProc, pending: Pending, msg: dict[str, Any]) -> None:
+        # The ids as fields too: a JSON log finds the failure from any of them.
+        ids = {"request_id": f"{pending.rid:x}-{worker.pid}", "error_id": msg["error_id"]}
+        if pending.trace is not None:
+            ids["trace_id"] = pending.trace.trace_id_hex
+        log.error(
+            "%s#%d request %s raised %s (error id %s)",
+            pending.spec.name,
+            worker.pid,
+            pending.rid,
+            msg["error"][:500],
+            msg["error_id"],
+            extra=ids,
+        )
+
+    # ------------------------------------------------------------------ streams
+
+    def _start_stream(self, worker: WorkerProc, pending: Pending, head: Response) -> None:
+        assert worker.channel is not None
+        spec = pending.spec
+        stream = WorkerStream(
+            worker.channel,
+            exclusive=spec.limits.concurrency == 1,
+            max_held=spec.limits.max_response_size,
+            on_cancel=lambda reason: self._stream_cancelled(worker, pending, reason),
+        )
+        pending.stream = stream
+        pending.status = head.status
+        head.stream = stream
+        if pending.future.done():  # the client left before the head came
+            stream.cancel()
+        else:
+            pending.future.set_result(head)
+
+    def _stream_chunk(self, worker: WorkerProc, msg: dict[str, Any]) -> None:
+        pending = worker.inflight.get(msg["id"])
+        if pending is None or pending.stream is None:
+            raise Violation(f"chunk frame for request {msg['id']}, which is not streaming")
+        pending.stream.push(msg["body"])
+        if not msg["more"]:
+            del worker.inflight[pending.rid]
+            self._end_stream(pending, "")
+            self._apply(self.scheduler.finished(worker.wid, pending.rid))
+
+    def _end_stream(self, pending: Pending, failure: str) -> None:
+        stream = pending.stream
+        assert stream is not None
+        if stream.ended is not None:
+            return
+        if failure and not stream.cancelled:
+            name = pending.spec.name
+            log.warning("%s request %s: stream cut off: %s", name, pending.rid, failure)
+        stream.finish(failure)
+        self._record(pending, pending.status)
+
+    def _stream_cancelled(self, worker: WorkerProc, pending: Pending, reason: str) -> None:
+        """The client of a stream went away (or, ``reason``, fell too far behind): tell the
+        worker, and replace it if it does not end the stream soon."""
+        if reason:
+            log.warning("%s request %s: stream dropped: %s", worker.function, pending.rid, reason)
+            self._verdict(worker.function, f"request {pending.rid}: stream dropped: {reason}")
+        if worker.killed or worker.channel is None or pending.rid not in worker.inflight:
+            return
+        worker.channel.send({"t": "cancel", "id": pending.rid})
+
+        def overdue() -> None:
+            if not worker.killed and worker.inflight.get(pending.rid) is pending:
+                self._kill_and_replace(
+                    worker,
+                    f"it did not end request {pending.rid}'s stream within {CANCEL_GRACE:g} s "
+                    "of its client leaving",
+                )
+
+        self.loop.call_later(CANCEL_GRACE, overdue)
+
+    def _kill_and_replace(self, worker: WorkerProc, why: str) -> None:
+        worker.killed = True
+        if worker.pid:
+            kill_pid(worker.pid)
+        log.warning("%s#%d killed: %s", worker.function, worker.pid, why)
+        self._verdict(worker.function, f"worker {worker.pid} killed: {why}")
+        for pending in list(worker.inflight.values()):
+            self._answer(
+                pending,
+                error_response(
+                    502,
+                    f"function {worker.function}: worker killed: {why}",
+                    [("x-hourai-start", pending.start)],
+                ),
+            )
+        worker.inflight.clear()
+        if worker.channel is not None:
+            worker.channel.close("killed")
+        self._forget_worker(worker)
+        self._apply(self.scheduler.worker_died(worker.wid, f"killed: {why}"))
 
     def _worker_channel_lost(self, worker: WorkerProc, reason: str) -> None:
         channel = worker.channel
@@ -978,6 +1109,8 @@ class Runtime:
         if worker is None:
             return
         worker.exit = status
+        if worker.channel is not None and worker.channel.paused:
+            worker.channel.resume_reading()  # read its last frames and its EOF
         if worker.channel is not None and worker.channel.closed and not worker.killed:
             self._worker_died(worker)
 
@@ -1231,7 +1364,7 @@ def http_handler(
             (request.header(h) or "").lower() == "event" for h in INVOCATION_TYPE_HEADERS
         ):
             return await _accept_async(accept, spec.name, request)
-        return await runtime.invoke(spec, request, root_path, path)
+        return await runtime.invoke(spec, request, root_path, path, stream=True)
 
     return handle
 

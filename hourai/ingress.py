@@ -46,6 +46,15 @@ and then reading pauses too. A client that takes none of its pending output for
 ``write_timeout`` seconds is dropped (one reading slowly is not). Parsing stops once
 ``max_pipeline`` requests are queued; the rest of a read waits as bytes.
 
+A response may stream its body (``Response.stream``, a :class:`BodyStream`): its head goes
+out when it reaches the front of the queue, then each chunk as it comes, with
+``transfer-encoding: chunked`` (to an HTTP/1.0 client: no length, the end of the connection
+ends the body). Answers pipelined behind it wait for its end. Back-pressure reaches the
+producer: when the transport's buffer is over its high-water mark the stream is paused,
+and resumed when it drains. A client that goes away cancels the stream; a stream that
+cannot finish (its producer died) drops the connection, so the client sees a cut-off body,
+never a complete-looking one.
+
 An EOF ends the client's input, not its interest: a client that half-closes after its
 requests (``shutdown(SHUT_WR)``) gets the answer to every request it completed, then the
 connection closes; a request it left incomplete gets none. A FIN cannot tell a
@@ -66,16 +75,19 @@ from dataclasses import dataclass, field
 from email.utils import formatdate
 from functools import partial
 from http import HTTPStatus
-from typing import NoReturn
+from typing import NoReturn, Protocol
 
 import httptools
 
 __all__ = [
+    "BodyStream",
     "Handler",
     "HttpProtocol",
     "Limits",
     "Request",
     "Response",
+    "StreamSink",
+    "chunk_frame",
     "error_response",
     "serve",
 ]
@@ -107,13 +119,45 @@ class Request:
         return None
 
 
+class StreamSink(Protocol):
+    """Where a :class:`BodyStream` delivers its body: the client's connection."""
+
+    def write(self, data: bytes) -> None: ...
+
+    def end(self) -> None: ...
+
+    def abort(self, reason: str) -> None: ...
+
+
+class BodyStream(Protocol):
+    """The rest of a response body, produced after its head.
+
+    The ingress calls :meth:`attach` once the response is at the front of the connection's
+    queue (its head written); from then on the stream calls the sink's ``write`` per chunk
+    and ``end`` (or ``abort``) once. :meth:`pause` and :meth:`resume` follow the client's
+    reading; :meth:`cancel` says the client is gone (nothing is written after it), and may
+    come before :meth:`attach`.
+    """
+
+    def attach(self, sink: StreamSink) -> None: ...
+
+    def pause(self) -> None: ...
+
+    def resume(self) -> None: ...
+
+    def cancel(self) -> None: ...
+
+
 @dataclass(slots=True)
 class Response:
-    """A complete response. Framing headers are the ingress's business, not the handler's."""
+    """A response. Framing headers are the ingress's business, not the handler's.
+
+    With ``stream``, ``body`` is the part produced so far and the stream brings the rest."""
 
     status: int
     headers: list[tuple[str, str]] = field(default_factory=list)
     body: bytes = b""
+    stream: BodyStream | None = None
 
 
 Handler = Callable[[Request], Awaitable[Response]]
@@ -254,10 +298,23 @@ def _header_name(name: str) -> bytes:
     return encoded
 
 
+def chunk_frame(data: bytes) -> bytes:
+    """One chunk of a chunked body (an empty one would end the body, so it is nothing)."""
+    if not data:
+        return b""
+    return b"%x\r\n%b\r\n" % (len(data), data)
+
+
+_LAST_CHUNK = b"0\r\n\r\n"
+
+
 def _render(
     resp: Response, head_only: bool, keep_alive: bool, http10: bool, server_line: bytes
 ) -> tuple[list[bytes], bytes, bool]:
     """Serialize ``resp``: (head parts, body to send, keep the connection open).
+
+    A streaming response's head says ``transfer-encoding: chunked`` (HTTP/1.0: the
+    connection closes after it) and its body so far comes back framed as a chunk.
 
     Raises _InvalidResponse for anything that would corrupt framing or smuggle a
     header; the caller answers 502 instead.
@@ -300,6 +357,12 @@ def _render(
     body = resp.body
     if status in _NO_BODY_STATUSES:
         body = b""
+    elif resp.stream is not None:
+        if http10:
+            keep_alive = False
+        else:
+            parts.append(b"transfer-encoding: chunked\r\n")
+        body = b"" if head_only else chunk_frame(body) if not http10 else body
     else:
         length = len(body)
         if head_only:
@@ -351,6 +414,37 @@ class _Exchange:
         self.response: Response | None = None
 
 
+class _StreamWriter:
+    """The sink of the response streaming at the front of a connection's queue."""
+
+    __slots__ = ("chunked", "conn", "discard", "done", "ex", "stream")
+
+    def __init__(
+        self, conn: HttpProtocol, ex: _Exchange, stream: BodyStream, *, chunked: bool, discard: bool
+    ) -> None:
+        self.conn = conn
+        self.ex = ex
+        self.stream = stream
+        self.chunked = chunked
+        self.discard = discard  # HEAD, 204, 304: the head says it all
+        self.done = False
+
+    def write(self, data: bytes) -> None:
+        if self.done or self.discard or not data or self.conn._closed:
+            return
+        self.conn._transport.write(chunk_frame(data) if self.chunked else data)
+
+    def end(self) -> None:
+        if not self.done:
+            self.done = True
+            self.conn._stream_ended(self, "")
+
+    def abort(self, reason: str) -> None:
+        if not self.done:
+            self.done = True
+            self.conn._stream_ended(self, reason or "stream aborted")
+
+
 # Which client deadline the connection's single timer is enforcing.
 # _IDLE and _LINGERING are about our writes as much as the client's reads: while the
 # client is still taking response bytes, they are extended, not enforced. A stalled
@@ -396,6 +490,7 @@ class HttpProtocol(asyncio.Protocol):
         "_read_paused",
         "_server_line",
         "_stopped",
+        "_streaming",
         "_timer",
         "_timer_when",
         "_transport",
@@ -442,6 +537,7 @@ class HttpProtocol(asyncio.Protocol):
         self._stopped = False  # read no more requests
         self._read_paused = False
         self._write_paused = False
+        self._streaming: _StreamWriter | None = None
         self._write_timer: asyncio.TimerHandle | None = None
         self._write_mark = 0
         self._timer: asyncio.TimerHandle | None = None
@@ -507,10 +603,7 @@ class HttpProtocol(asyncio.Protocol):
         if self._write_timer is not None:
             self._write_timer.cancel()
             self._write_timer = None
-        for ex in self._queue:
-            if ex.task is not None and not ex.task.done():
-                ex.task.cancel()
-        self._queue.clear()
+        self._cancel_queued()
         self._waiting.clear()
         self._unparsed = b""
         self._current = None
@@ -601,6 +694,8 @@ class HttpProtocol(asyncio.Protocol):
         # Answers pile up: read and start nothing more until the client takes them,
         # and drop a client that takes none (its output would be held forever).
         self._write_paused = True
+        if self._streaming is not None:
+            self._streaming.stream.pause()
         self._update_reading()
         self._watch_writes()
 
@@ -609,6 +704,8 @@ class HttpProtocol(asyncio.Protocol):
         if self._write_timer is not None and not self._closed:
             self._write_timer.cancel()
             self._write_timer = None
+        if self._streaming is not None:
+            self._streaming.stream.resume()
         self._start_waiting()
         self._flush()
 
@@ -833,8 +930,13 @@ class HttpProtocol(asyncio.Protocol):
     def _handler_done(self, ex: _Exchange, task: asyncio.Future[Response]) -> None:
         if self._closed:
             # The client went away; only mark the outcome as retrieved.
-            if not task.cancelled() and task.exception() is not None:
-                logger.debug("handler failed after client disconnect", exc_info=task.exception())
+            if not task.cancelled():
+                if task.exception() is not None:
+                    logger.debug(
+                        "handler failed after client disconnect", exc_info=task.exception()
+                    )
+                elif isinstance(late := task.result(), Response) and late.stream is not None:
+                    late.stream.cancel()
             return
         if task.cancelled():
             response = error_response(503, "request cancelled")
@@ -867,22 +969,35 @@ class HttpProtocol(asyncio.Protocol):
             return  # re-entered from a handler that failed to start: the loop below sees it
         self._flushing = True
         queue = self._queue
+        started: _StreamWriter | None = None
         try:
             while queue and not self._write_paused and not self._closed:
                 ex = queue[0]
                 response = ex.response
-                if response is None:
+                if response is None or self._streaming is not None:
+                    break
+                keep_alive = self._send(ex, response)
+                if self._streaming is not None:
+                    # It stays at the front, and what is behind it waits, until its end.
+                    ex.keep_alive = keep_alive
+                    started = self._streaming
                     break
                 queue.popleft()
                 if ex.started:
                     self._active -= 1
-                if not self._send(ex, response):
+                if not keep_alive:
                     self._close_after_response()
                     return
                 self._start_waiting()
         finally:
             self._flushing = False
         if self._closed:
+            return
+        if started is not None:
+            started.stream.attach(started)
+            if self._write_paused and self._streaming is started:
+                started.stream.pause()
+            self._update_reading()
             return
         if queue:
             head = queue[0]
@@ -901,6 +1016,8 @@ class HttpProtocol(asyncio.Protocol):
             )
         except _InvalidResponse as exc:
             logger.debug("replacing response with 502: %s", exc)
+            if response.stream is not None:
+                response.stream.cancel()
             parts, body, keep_alive = _render(
                 error_response(502, str(exc)),
                 ex.head_only,
@@ -908,6 +1025,13 @@ class HttpProtocol(asyncio.Protocol):
                 http10,
                 self._server_line,
             )
+        else:
+            if response.stream is not None:
+                status = response.status
+                discard = ex.head_only or status in _NO_BODY_STATUSES
+                self._streaming = _StreamWriter(
+                    self, ex, response.stream, chunked=not http10 and not discard, discard=discard
+                )
         transport = self._transport
         if len(body) <= _LARGE_BODY:
             parts.append(body)
@@ -916,6 +1040,31 @@ class HttpProtocol(asyncio.Protocol):
             transport.write(b"".join(parts))
             transport.write(body)
         return keep_alive
+
+    def _stream_ended(self, writer: _StreamWriter, failure: str) -> None:
+        """The streaming response at the front is done (``failure``: cut off, say why)."""
+        if self._streaming is not writer:
+            return
+        self._streaming = None
+        if self._closed:
+            return
+        ex = writer.ex
+        if failure:
+            # The head promised a body that will not come whole: only dropping the
+            # connection tells the client (and any proxy) it is incomplete.
+            logger.info("cutting off a streamed response to %s: %s", self.client[0], failure)
+            self.abort()
+            return
+        if writer.chunked:
+            self._transport.write(_LAST_CHUNK)
+        self._queue.popleft()
+        if ex.started:
+            self._active -= 1
+        if not ex.keep_alive:
+            self._close_after_response()
+            return
+        self._start_waiting()
+        self._flush()
 
     def _maybe_continue(self) -> None:
         ex = self._current
@@ -930,10 +1079,7 @@ class HttpProtocol(asyncio.Protocol):
         """The last response is written: half-close, drain briefly, then close."""
         self._stopped = True
         self._in_message = False
-        for ex in self._queue:  # requests pipelined after a closing response
-            if ex.task is not None and not ex.task.done():
-                ex.task.cancel()
-        self._queue.clear()
+        self._cancel_queued()  # requests pipelined after a closing response
         self._waiting.clear()
         self._unparsed = b""
         self._current = None
@@ -952,6 +1098,23 @@ class HttpProtocol(asyncio.Protocol):
             self._set_deadline(_LINGERING, _LINGER)
         else:
             self._close()
+
+    def _cancel_queued(self) -> None:
+        """Nothing more is written: stop the handlers and streams still owed to the queue."""
+        writer, self._streaming = self._streaming, None
+        if writer is not None and not writer.done:
+            writer.done = True
+            writer.stream.cancel()
+        for ex in self._queue:
+            if ex.task is not None and not ex.task.done():
+                ex.task.cancel()
+            elif (
+                ex.response is not None
+                and ex.response.stream is not None
+                and (writer is None or ex is not writer.ex)
+            ):
+                ex.response.stream.cancel()
+        self._queue.clear()
 
     def _close(self) -> None:
         if not self._closed:

@@ -36,7 +36,18 @@ worker channel
                  traceparent of hourai's invocation span when tracing is on (the worker
                  makes it the function's current OpenTelemetry context, hourai.isolate.context)
   ← ``res``      {id, status, headers, body}
-  ← ``err``      {id, error_id, error}       the function raised; the worker lives on
+  ← ``res``      {id, status, headers, body, more=true}   a streaming response: the head and
+                                             the body so far; ``chunk`` frames follow
+  ← ``chunk``    {id, body, more}            more of a streaming body; ``more=false`` ends it
+  ← ``err``      {id, error_id, error}       the function raised; the worker lives on (mid-
+                                             stream: the response is cut off)
+  → ``cancel``   {id}                        the client of a streaming response went away:
+                                             stop the function's stream and end it
+
+A worker stays busy with a streaming request until its last ``chunk`` (or ``err``); the
+daemon checks the order (a chunk for a request that is not streaming, a ``res`` for one that
+is, anything after the end), and bounds each frame's body by ``max_response_size``: a stream
+as a whole is unbounded, held in memory a frame at a time.
 
 A worker runs tenant code, and tenant code can reach the worker's end of its channel, so the
 daemon treats what comes back as hostile input: the decoder of a worker channel is bounded
@@ -75,6 +86,8 @@ MAX_RESPONSE_HEADERS = 500
 MAX_ERROR_TEXT = 16 * 1024  # an "err" frame's exception text and error id together
 
 _RES_FIELDS = 5  # t, id, status, headers, body
+_STREAM_RES_FIELDS = 6  # ... and more
+_CHUNK_FIELDS = 4  # t, id, body, more
 _ERR_FIELDS = 4  # t, id, error_id, error
 
 
@@ -98,9 +111,11 @@ class FrameTooLarge(ProtocolError):
 class ResponseTooLarge(Violation):
     """A response body over the function's ``max_response_size``."""
 
-    def __init__(self, size: int, limit: int, *, framed: bool = False) -> None:
+    def __init__(
+        self, size: int, limit: int, *, framed: bool = False, what: str = "response"
+    ) -> None:
         # framed: only the frame's length prefix was read, which counts headers too
-        what = "response frame" if framed else "response"
+        what = "response frame" if framed else what
         super().__init__(
             f"{what} of {format_size(size, exact=False)} is over max_response_size "
             f"({format_size(limit)})"
@@ -115,14 +130,32 @@ def response_frame_limit(max_response_size: int) -> int:
 
 
 def check_worker_reply(msg: Message, max_body: int) -> None:
-    """Raise :class:`Violation` unless ``msg`` is a well-formed ``res`` or ``err`` frame.
+    """Raise :class:`Violation` unless ``msg`` is a well-formed ``res``, ``chunk`` or ``err``
+    frame (whether it fits the request's state is the daemon's check: see the docstring).
 
     On the warm path for every response: a few ``type() is`` checks, no schema machinery.
     Exact types, not isinstance: bool is an int and would pass as a status.
     """
     t = msg["t"]
-    if t == "res":
-        if len(msg) != _RES_FIELDS:
+    if t == "chunk":
+        if len(msg) != _CHUNK_FIELDS:
+            _fields(msg, ("t", "id", "body", "more"))
+        if type(msg.get("id")) is not int:
+            raise Violation(f"chunk frame: id must be an integer, got {msg.get('id')!r:.40}")
+        body = msg.get("body")
+        if type(body) is not bytes:
+            raise Violation(f"chunk frame: body must be bytes, got {type(body).__name__}")
+        if len(body) > max_body:
+            raise ResponseTooLarge(len(body), max_body, what="response chunk")
+        if type(msg.get("more")) is not bool:
+            raise Violation("chunk frame: more must be true or false")
+    elif t == "res":
+        if "more" in msg:
+            if msg["more"] is not True:
+                raise Violation("res frame: more must be true when given")
+            if len(msg) != _STREAM_RES_FIELDS:
+                _fields(msg, ("t", "id", "status", "headers", "body", "more"))
+        elif len(msg) != _RES_FIELDS:
             _fields(msg, ("t", "id", "status", "headers", "body"))
         if type(msg.get("id")) is not int:
             raise Violation(f"res frame: id must be an integer, got {msg.get('id')!r:.40}")
@@ -158,7 +191,7 @@ def check_worker_reply(msg: Message, max_body: int) -> None:
         if len(error_id) + len(error) > MAX_ERROR_TEXT:
             raise Violation(f"err frame: error text over {MAX_ERROR_TEXT} characters")
     else:
-        raise Violation(f"unexpected {t!r:.40} frame from a worker (it may send res or err)")
+        raise Violation(f"unexpected {t!r:.40} frame from a worker (it may send res, chunk or err)")
 
 
 # What a function's snapshot may tell the daemon: frame type -> (its fields, fds it carries).

@@ -15,6 +15,13 @@ Life of an invoker, in the process that holds it:
    (closing it would unregister the snapshot's fds from the shared epoll instance).
 3. ``invoke()`` per request in ``process`` isolation; ``invoke_async()`` on the worker's own
    event loop in ``thread`` isolation, where many invocations of async code run at once.
+
+Given an :class:`Outlet` (the caller takes a streaming response), ASGI and WSGI invokers
+stream what the app produces as it comes: an ASGI body message with ``more_body``, or a WSGI
+iterable that is neither a list nor a tuple and whose headers set no Content-Length (Flask's
+ordinary answers say their length: they stay one frame). The invoker then returns the rest
+of the body. Handlers never stream (Lambda's buffered semantics), nor does a HEAD request:
+its head goes out at the app's first chunk and the app is stopped.
 """
 
 from __future__ import annotations
@@ -49,6 +56,45 @@ ASGI_VERSION = {"version": "3.0", "spec_version": "2.3"}
 LIFESPAN_TIMEOUT = 30.0
 
 
+class Outlet:
+    """Where a streaming response goes as the app produces it (the worker's channel).
+
+    ``head`` once (status, headers, the body so far), then ``chunk`` per piece; each may
+    block while the client is slow. ``cancelled`` turns true when the client has gone, and
+    ``on_cancel`` (if set) is called then, from the thread that learnt it."""
+
+    __slots__ = ("cancelled", "on_cancel", "started")
+
+    def __init__(self) -> None:
+        self.started = False
+        self.cancelled = False
+        self.on_cancel: Callable[[], None] | None = None
+
+    def head(self, status: int, headers: list[list[str]], body: bytes) -> None:
+        raise NotImplementedError
+
+    def chunk(self, body: bytes) -> None:
+        raise NotImplementedError
+
+    def cancel(self) -> None:
+        if not self.cancelled:
+            self.cancelled = True
+            if self.on_cancel is not None:
+                self.on_cancel()
+
+    def cancel_fd(self) -> int | None:
+        """An fd that turns readable when a cancel may have come, for an event loop to watch
+        between chunks (then :meth:`check_cancel`); None: the cancel comes by itself."""
+        return None
+
+    def check_cancel(self) -> None:
+        """Look for a cancel now (see :meth:`cancel_fd`)."""
+
+
+class ClientGone(OSError):
+    """Raised in an ASGI app's ``send`` once its client has gone (as uvicorn does)."""
+
+
 @runtime_checkable
 class Invoker(Protocol):
     """What the snapshot and the worker call; see the module docstring for the life cycle."""
@@ -61,9 +107,9 @@ class Invoker(Protocol):
 
     def after_fork(self) -> None: ...
 
-    def invoke(self, inv: Invocation) -> Response: ...
+    def invoke(self, inv: Invocation, outlet: Outlet | None = None) -> Response: ...
 
-    async def invoke_async(self, inv: Invocation) -> Response: ...
+    async def invoke_async(self, inv: Invocation, outlet: Outlet | None = None) -> Response: ...
 
 
 class StartupError(Exception):
@@ -180,14 +226,15 @@ class HandlerInvoker(_LoopOwner):
             return await result if inspect.isawaitable(result) else result
         return await asyncio.get_running_loop().run_in_executor(None, self.call_event, event, inv)
 
-    def invoke(self, inv: Invocation) -> Response:
-        """One invocation; an async handler runs on this process's loop, one at a time."""
+    def invoke(self, inv: Invocation, outlet: Outlet | None = None) -> Response:
+        """One invocation; an async handler runs on this process's loop, one at a time.
+        (A handler's answer is buffered whole, as Lambda's is: ``outlet`` is not used.)"""
         result = self._call(inv)
         if inspect.isawaitable(result):
             result = self.loop.run_until_complete(_await(result))
         return _strip_head(inv, infer_response(result))
 
-    async def invoke_async(self, inv: Invocation) -> Response:
+    async def invoke_async(self, inv: Invocation, outlet: Outlet | None = None) -> Response:
         if self.is_async:
             result = self._call(inv)
             if inspect.isawaitable(result):
@@ -287,7 +334,7 @@ class WsgiInvoker:
     def after_fork(self) -> None:
         """Nothing to do: WSGI holds no per-process state of ours."""
 
-    def invoke(self, inv: Invocation) -> Response:
+    def invoke(self, inv: Invocation, outlet: Outlet | None = None) -> Response:
         environ = build_environ(inv, multithread=self.multithread)
         status: str | None = None
         headers: list[list[str]] = []
@@ -323,9 +370,28 @@ class WsgiInvoker:
             return write
 
         result = self.app(environ, start_response)
+        streaming = outlet is not None and not isinstance(result, list | tuple)
         try:
             for chunk in result:
                 write(chunk)
+                if not streaming or not chunks:
+                    continue
+                assert outlet is not None and status is not None
+                if not outlet.started:
+                    if any(k.lower() == "content-length" for k, _ in headers):
+                        streaming = False  # its length is known: one frame
+                        continue
+                    body = b"" if inv["method"] == "HEAD" else b"".join(chunks)
+                    chunks.clear()
+                    outlet.head(_status_code(status), headers, body)
+                    if inv["method"] == "HEAD":
+                        break
+                else:
+                    body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+                    chunks.clear()
+                    outlet.chunk(body)
+                if outlet.cancelled:
+                    break
         finally:
             close = getattr(result, "close", None)
             if close is not None:
@@ -336,9 +402,9 @@ class WsgiInvoker:
             inv, {"status": _status_code(status), "headers": headers, "body": b"".join(chunks)}
         )
 
-    async def invoke_async(self, inv: Invocation) -> Response:
+    async def invoke_async(self, inv: Invocation, outlet: Outlet | None = None) -> Response:
         # WSGI is synchronous: run it on a thread so the loop keeps serving other invocations.
-        return await asyncio.get_running_loop().run_in_executor(None, self.invoke, inv)
+        return await asyncio.get_running_loop().run_in_executor(None, self.invoke, inv, outlet)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -511,11 +577,11 @@ class AsgiInvoker(_LoopOwner):
 
     # -- requests -------------------------------------------------------------------------
 
-    def invoke(self, inv: Invocation) -> Response:
+    def invoke(self, inv: Invocation, outlet: Outlet | None = None) -> Response:
         """One invocation on this process's loop; one caller at a time (``process`` mode)."""
-        return self.loop.run_until_complete(self.invoke_async(inv))
+        return self.loop.run_until_complete(self.invoke_async(inv, outlet))
 
-    async def invoke_async(self, inv: Invocation) -> Response:
+    async def invoke_async(self, inv: Invocation, outlet: Outlet | None = None) -> Response:
         scope = build_scope(inv, self.state)
         body: bytes = inv.get("body") or b""
         request_sent = False
@@ -523,6 +589,27 @@ class AsgiInvoker(_LoopOwner):
         status: int | None = None
         headers: list[list[str]] = []
         chunks: list[bytes] = []
+
+        stopped = False
+        watched: int | None = None
+
+        def watch() -> None:
+            # An app idle between events (a heartbeat every 30 s) learns of its client's
+            # leaving at once, from its disconnect listener, not at its next send.
+            nonlocal watched
+            assert outlet is not None
+            # Cancels come on this loop's thread (this loop reads the channel, or watches it).
+            outlet.on_cancel = stop
+            watched = outlet.cancel_fd()
+            if watched is not None:
+                asyncio.get_running_loop().add_reader(watched, outlet.check_cancel)
+
+        def stop() -> None:
+            # The app is told as uvicorn tells it: a disconnect from receive(), and sends
+            # that raise; Starlette's StreamingResponse listens for the former.
+            nonlocal stopped
+            stopped = True
+            complete.set()
 
         async def receive() -> dict[str, Any]:
             nonlocal request_sent
@@ -545,21 +632,53 @@ class AsgiInvoker(_LoopOwner):
             elif kind == "http.response.body":
                 if status is None:
                     raise RuntimeError("ASGI app sent 'http.response.body' before the start")
+                if outlet is not None and (outlet.cancelled or stopped):
+                    raise ClientGone("the client has gone")
                 if complete.is_set():
                     raise RuntimeError("ASGI app sent a body after the response was complete")
                 chunk = message.get("body", b"")
                 if chunk:
                     chunks.append(bytes(chunk))
-                if not message.get("more_body", False):
+                more = message.get("more_body", False)
+                if not more:
                     complete.set()
+                elif outlet is not None and (chunks or outlet.started):
+                    if not outlet.started:
+                        watch()
+                    self._stream(inv, outlet, status, headers, chunks)
+                    if outlet.cancelled or inv["method"] == "HEAD":
+                        stop()
             else:
                 raise RuntimeError(f"ASGI app sent {kind!r}, which is not an HTTP response message")
 
         try:
             await self.app(scope, receive, send)
+        except Exception:
+            if not stopped:
+                raise  # otherwise: the app ended on its client's leaving, which is no error
         finally:
+            if watched is not None:
+                asyncio.get_running_loop().remove_reader(watched)
             # Release any task still waiting in receive() (a disconnect listener).
             complete.set()
         if status is None:
             raise RuntimeError("ASGI app returned without sending a response")
+        if stopped:
+            chunks.clear()
         return _strip_head(inv, {"status": status, "headers": headers, "body": b"".join(chunks)})
+
+    @staticmethod
+    def _stream(
+        inv: Invocation,
+        outlet: Outlet,
+        status: int | None,
+        headers: list[list[str]],
+        chunks: list[bytes],
+    ) -> None:
+        assert status is not None
+        body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        chunks.clear()
+        if not outlet.started:
+            outlet.head(status, headers, b"" if inv["method"] == "HEAD" else body)
+        else:
+            outlet.chunk(body)

@@ -5,6 +5,13 @@ at a time, nothing between the channel and the function. "thread" isolation (con
 N > 1): the worker's own event loop reads the channel and runs up to N invocations at once,
 async functions and ASGI apps as tasks on that loop, sync ones in a pool of N threads.
 
+A response the function streams (an ASGI body with ``more_body``, a WSGI generator) goes out
+as it is produced, through an :class:`Outlet`: a ``res`` frame with ``more`` at the first
+chunk, ``chunk`` frames after it, and the last one when the function returns. In process
+mode the sends block while the daemon is not reading, so a slow client slows the function
+down rather than filling memory; a ``cancel`` from the daemon (the client left) stops the
+function's stream at its next chunk.
+
 A function that raises gets a 500 with an error id; the traceback goes to this worker's
 output, which the daemon logs tagged with the function and worker, so the id finds it.
 """
@@ -18,13 +25,15 @@ import secrets
 import select
 import socket
 import sys
+import threading
 import traceback
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from hourai.channel import AsyncChannel, BlockingChannel, ChannelClosed
 from hourai.isolate import context, debugging, direct
-from hourai.isolate.adapters import Invoker, new_event_loop
+from hourai.isolate.adapters import Invoker, Outlet, new_event_loop
 from hourai.isolate.tracebacks import user_paths
 from hourai.protocol import MAX_ERROR_TEXT, Message, ProtocolError
 
@@ -74,11 +83,99 @@ def warm_up(invoker: Invoker) -> None:
     encode({"t": "res", "id": 0, "status": 200, "headers": [["content-type", "x"]], "body": b""})
 
 
+class ChannelOutlet(Outlet):
+    """Outlet frames of one invocation: ``send`` puts a frame on the channel; ``poll``, if
+    given, looks for a ``cancel`` after each chunk (process mode: nobody else reads)."""
+
+    __slots__ = ("_max", "_poll", "_send", "_watch", "id")
+
+    def __init__(
+        self,
+        rid: int,
+        max_chunk: int,
+        send: Callable[[Message], None],
+        poll: Callable[[ChannelOutlet], None] | None = None,
+        watch: Callable[[], int] | None = None,
+    ) -> None:
+        super().__init__()
+        self.id = rid
+        self._watch = watch
+        self._max = max(1, max_chunk)
+        self._send = send
+        self._poll = poll
+
+    def head(self, status: int, headers: list[list[str]], body: bytes) -> None:
+        self.started = True
+        first, rest = body[: self._max], body[self._max :]
+        self._send(
+            {
+                "t": "res",
+                "id": self.id,
+                "status": status,
+                "headers": headers,
+                "body": first,
+                "more": True,
+            }
+        )
+        self.chunk(rest)
+
+    def chunk(self, body: bytes) -> None:
+        step = self._max
+        for i in range(0, len(body), step):
+            self._send({"t": "chunk", "id": self.id, "body": body[i : i + step], "more": True})
+        if self._poll is not None:
+            self._poll(self)
+
+    def cancel_fd(self) -> int | None:
+        return self._watch() if self._watch is not None else None
+
+    def check_cancel(self) -> None:
+        if self._poll is not None:
+            self._poll(self)
+
+    def end_frames(self, body: bytes) -> list[Message]:
+        """The stream's last frames: the rest of the body, then the end."""
+        step = self._max
+        frames: list[Message] = [
+            {"t": "chunk", "id": self.id, "body": body[i : i + step], "more": True}
+            for i in range(0, len(body) - step, step)
+        ]
+        tail = body[len(frames) * step :]
+        frames.append({"t": "chunk", "id": self.id, "body": tail, "more": False})
+        return frames
+
+
+def _poller(channel: BlockingChannel) -> Callable[[ChannelOutlet], None]:
+    def poll(outlet: ChannelOutlet) -> None:
+        try:
+            while channel.has_buffered() or select.select([channel.sock], [], [], 0)[0]:
+                msg, _fds = channel.recv()
+                if msg["t"] == "cancel" and msg.get("id") == outlet.id:
+                    outlet.cancel()
+        except ChannelClosed:
+            outlet.cancel()  # the daemon is gone; so is the client
+
+    return poll
+
+
 def serve_worker(channel: BlockingChannel, invoker: Invoker, spec: dict[str, Any]) -> None:
     me = os.getpid()
     if not select.select([channel.sock], [], [], 0)[0]:
         warm_up(invoker)  # nothing is waiting: we are a spare, pay the page faults now
     debug = False
+    poll = _poller(channel)
+    watcher: list[select.epoll] = []
+
+    def watch() -> int:
+        # An event loop's add_reader would make the channel's socket non-blocking, and the
+        # sends of a stream must block (that is the back-pressure): the loop watches an
+        # epoll instance that watches the socket instead.
+        if not watcher:
+            ep = select.epoll()
+            ep.register(channel.fileno(), select.EPOLLIN)
+            watcher.append(ep)
+        return watcher[0].fileno()
+
     while True:
         try:
             inv, _fds = channel.recv()
@@ -88,17 +185,34 @@ def serve_worker(channel: BlockingChannel, invoker: Invoker, spec: dict[str, Any
             if inv["t"] == "debug":  # hourai debug: this worker is the session's
                 debug = True
                 channel.send(debugging.start(inv))
-            continue
+            continue  # else e.g. the cancel of a stream that ended meanwhile
+        outlet = None
+        if "stream" in inv and invoker.kind != "handler":  # a handler's answer is buffered
+            outlet = ChannelOutlet(inv["id"], inv["stream"], channel.send, poll, watch)
         if debug:
             debugging.busy(1)
-        reply = run_invocation(invoker, inv)
+        reply = run_invocation(invoker, inv, outlet)
         if debug:
             debugging.busy(-1)
         if os.getpid() != me:
             # The function forked and this is the child coming back: it must never answer
             # on (or read from) the worker's channel.
             os._exit(0)
-        send_reply(channel, inv, reply)
+        if outlet is not None and outlet.started:
+            finish_stream(channel.send, outlet, reply)
+        else:
+            send_reply(channel, inv, reply)
+
+
+def finish_stream(send: Callable[[Message], None], outlet: ChannelOutlet, reply: Message) -> None:
+    """End a stream: its last frames, or the error that cut it off (none if the client left
+    first: the daemon asked for the stop, there is nothing to report)."""
+    if reply["t"] == "err" and not outlet.cancelled:
+        send(reply)
+        return
+    body = reply["body"] if reply["t"] == "res" else b""
+    for frame in outlet.end_frames(body):
+        send(frame)
 
 
 def send_reply(
@@ -112,11 +226,21 @@ def send_reply(
         channel.send(error_reply(inv, exc))
 
 
-def run_invocation(invoker: Invoker, inv: dict[str, Any]) -> dict[str, Any]:
+def run_invocation(
+    invoker: Invoker, inv: dict[str, Any], outlet: Outlet | None = None
+) -> dict[str, Any]:
     tokens = context.enter(inv)
     try:
-        result = direct.run(invoker, inv) if "event" in inv else invoker.invoke(inv)
+        if "event" in inv:
+            result = direct.run(invoker, inv)
+        elif outlet is not None:
+            result = invoker.invoke(inv, outlet)
+        else:
+            result = invoker.invoke(inv)
     except Exception as exc:
+        if outlet is not None and outlet.cancelled:
+            # The app saw its client leave (a send raised): not the function's error.
+            return {"t": "res", "id": inv["id"], "status": 200, "headers": [], "body": b""}
         return error_reply(inv, exc)
     finally:
         context.leave(tokens)
@@ -169,6 +293,16 @@ def serve_worker_concurrent(sock: socket.socket, invoker: Invoker, concurrency: 
     me = os.getpid()
     closed: asyncio.Future[None] = loop.create_future()
     tasks: set[asyncio.Task[None]] = set()
+    outlets: dict[int, ChannelOutlet] = {}
+    loop_thread = threading.get_ident()
+
+    def send(msg: Message) -> None:
+        # A sync function streams from its pool thread; the channel belongs to the loop,
+        # whose callbacks run in order, so the frames keep theirs.
+        if threading.get_ident() == loop_thread:
+            channel.send(msg)
+        else:
+            loop.call_soon_threadsafe(channel.send, msg)
 
     debug = False
 
@@ -177,9 +311,14 @@ def serve_worker_concurrent(sock: socket.socket, invoker: Invoker, concurrency: 
         context.enter(inv)
         if debug:
             debugging.busy(1)
+        outlet = None
+        if "stream" in inv and invoker.kind != "handler":
+            outlet = outlets[inv["id"]] = ChannelOutlet(inv["id"], inv["stream"], send)
         try:
             if "event" in inv:
                 result = await direct.run_async(invoker, inv)
+            elif outlet is not None:
+                result = await invoker.invoke_async(inv, outlet)
             else:
                 result = await invoker.invoke_async(inv)
             reply = {
@@ -190,13 +329,20 @@ def serve_worker_concurrent(sock: socket.socket, invoker: Invoker, concurrency: 
                 "body": result["body"],
             }
         except Exception as exc:
-            reply = error_reply(inv, exc)
+            if outlet is not None and outlet.cancelled:
+                reply = {"t": "res", "id": inv["id"], "status": 200, "headers": [], "body": b""}
+            else:
+                reply = error_reply(inv, exc)
         finally:
             if debug:
                 debugging.busy(-1)
         if os.getpid() != me:
             os._exit(0)  # a fork of the function's, see serve_worker
-        send_reply(channel, inv, reply)
+        outlets.pop(inv["id"], None)
+        if outlet is not None and outlet.started:
+            finish_stream(channel.send, outlet, reply)
+        else:
+            send_reply(channel, inv, reply)
 
     def on_message(msg: dict[str, Any], _fds: list[int]) -> None:
         if msg["t"] == "inv":
@@ -207,6 +353,10 @@ def serve_worker_concurrent(sock: socket.socket, invoker: Invoker, concurrency: 
             nonlocal debug
             debug = True
             channel.send(debugging.start(msg))
+        elif msg["t"] == "cancel":
+            outlet = outlets.get(msg.get("id"))  # type: ignore[arg-type]
+            if outlet is not None:
+                outlet.cancel()
 
     def on_close(_reason: str) -> None:
         if not closed.done():

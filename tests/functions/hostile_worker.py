@@ -83,6 +83,29 @@ def handler(event, context):
         )
         time.sleep(seconds)
         return "too late"
+    if "/stream-" in path:
+        # streaming frames out of order (tests/test_streaming.py)
+        rid, chan = _rid(context), _channel()
+        head = {"t": "res", "id": rid, "status": 200, "headers": [], "body": b"head\n"}
+        frames = {
+            "/stream-chunk-unasked": [{"t": "chunk", "id": rid, "body": b"x", "more": True}],
+            "/stream-chunk-bad-more": [{"t": "chunk", "id": rid, "body": b"x", "more": "yes"}],
+            "/stream-more-false": [{**head, "more": False}],
+            "/stream-res-twice": [{**head, "more": True}, head],
+            "/stream-chunk-after-end": [
+                {**head, "more": True},
+                {"t": "chunk", "id": rid, "body": b"end\n", "more": False},
+                {"t": "chunk", "id": rid, "body": b"more", "more": True},
+            ],
+            "/stream-chunk-oversized": [
+                {**head, "more": True},
+                {"t": "chunk", "id": rid, "body": b"x" * (400 << 10), "more": True},
+            ],
+        }[path[path.index("/stream-") :]]
+        for frame in frames:
+            chan.sendall(_frame(frame))
+        time.sleep(seconds)
+        return "too late"
     if path.endswith("/unknown-type"):
         _channel().sendall(_frame({"t": "inv", "id": _rid(context)}))
         time.sleep(seconds)

@@ -267,7 +267,7 @@ def test_two_instances_never_share_a_uid(hourai_run) -> None:
     # a `hourai run` gives its uids back when it stops
     lease = Path("/run/hourai/uids", str(two["uid"]))
     assert json.loads(lease.read_text())["pid"] == second.proc.pid
-    second.stop()
+    assert second.stop(timeout=60) == 0  # a clean stop (one killed leaves a stale lease)
     assert not lease.exists()
 
 

@@ -76,20 +76,9 @@ def test_a_forked_child_reading_the_heap_copies_fewer_pages() -> None:
         os.waitpid(pid, 0)
         print(os.read(r, 64).decode())
     """
-    mortal = int(
-        subprocess.run(
-            [sys.executable, "-c", textwrap.dedent(code), "mortal"],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout
-    )
-    immortal_kib = int(
-        subprocess.run(
-            [sys.executable, "-c", textwrap.dedent(code), "immortal"],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout
-    )
+    def private_growth(mode: str) -> int:
+        run = [sys.executable, "-c", textwrap.dedent(code), mode]
+        return int(subprocess.run(run, capture_output=True, text=True, check=True).stdout)
+
+    mortal, immortal_kib = private_growth("mortal"), private_growth("immortal")
     assert immortal_kib < mortal / 4, (immortal_kib, mortal)

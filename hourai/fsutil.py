@@ -37,3 +37,17 @@ def fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def sync_tree(root: Path) -> None:
+    """fsync every file and directory under ``root``: a tree copied without syncing (a
+    version's code, an installed distribution) is durable once this returns, before anything
+    that names it is acknowledged."""
+    for dirpath, _dirnames, filenames in os.walk(root):
+        for name in filenames:
+            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fsync_dir(Path(dirpath))

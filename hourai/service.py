@@ -54,6 +54,7 @@ from hourai.daemon import (
     http_handler,
 )
 from hourai.debug import DebugError
+from hourai.fsutil import sync_tree
 from hourai.ingress import HttpProtocol, Request, serve
 from hourai.invocations.manager import Invocations
 from hourai.invocations.queue import QueueError
@@ -65,7 +66,7 @@ from hourai.packages.installer import IndexSettings
 from hourai.registry import FunctionSpec, build_spec, check_name
 from hourai.scheduler.policy import PolicyParams
 from hourai.sdnotify import Notifier
-from hourai.state import FunctionRecord, StateError, StateStore, VersionRecord, sync_tree
+from hourai.state import FunctionRecord, StateError, StateStore, VersionRecord
 
 log = logging.getLogger("hourai")
 
@@ -1336,7 +1337,7 @@ def function_dir(path: str, base: str) -> Path | None:
 
 
 def _freeze(store: Any, name: str, target: Target, **kw: Any) -> FunctionSpec:
-    """build_spec, then make the stored copy durable (see state.sync_tree)."""
+    """build_spec, then make the stored copy durable (see fsutil.sync_tree)."""
     limits: Limits = kw.pop("limits")
     spec = build_spec(store, name, target, limits=limits.function, resources=limits.tenant, **kw)
     sync_tree(Path(spec.target.root))

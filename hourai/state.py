@@ -273,17 +273,3 @@ class StateStore:
         os.replace(path, aside)
         fsync_dir(self.root)
         return aside
-
-
-def sync_tree(root: Path) -> None:
-    """fsync every file and directory under ``root``: the code store copies a version's
-    files without syncing them, and a deploy is acknowledged only once all of it is durable.
-    """
-    for dirpath, _dirnames, filenames in os.walk(root):
-        for name in filenames:
-            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        fsync_dir(Path(dirpath))

@@ -35,7 +35,7 @@ from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
 
-from hourai.fsutil import atomic_write, fsync_dir
+from hourai.fsutil import atomic_write, fsync_dir, sync_tree
 from hourai.packages.installer import Installer, InstallError, Pin, normalize
 from hourai.packages.requirements import declared
 
@@ -162,7 +162,7 @@ class PackageStore:
                 target.parent.mkdir(parents=True, exist_ok=True)
                 os.replace(staging / rel, target)
             _set_access(tmp)
-            _sync(tmp)
+            sync_tree(tmp)  # named by a version record once the deploy is acknowledged
             os.replace(tmp, dest)
             fsync_dir(self.dists)
         except BaseException:
@@ -276,16 +276,3 @@ def _set_access(root: Path) -> None:
         for name in files:
             os.chmod(os.path.join(dirpath, name), _FILE_MODE)
         os.chmod(dirpath, _DIR_MODE)
-
-
-def _sync(root: Path) -> None:
-    """A version record names these directories once the deploy is acknowledged: their files
-    must be on disk by then."""
-    for dirpath, _dirs, files in os.walk(root):
-        for name in files:
-            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        fsync_dir(Path(dirpath))

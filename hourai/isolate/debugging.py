@@ -36,6 +36,10 @@ def start(msg: dict[str, Any]) -> dict[str, Any]:
     watcher = threading.Thread(
         target=_retire_after_detach, args=(debugpy,), name="hourai-debug", daemon=True
     )
+    # Not the user's thread: hidden from the debugger and never suspended with the others
+    # when a breakpoint stops "all threads" (pydevd's own mark for its helper threads).
+    # A watcher suspended through a whole attach-stop-detach would never see it end.
+    watcher.is_pydev_daemon_thread = True  # type: ignore[attr-defined]
     watcher.start()
     return {"t": "debugging", "host": host, "port": port, "pid": os.getpid()}
 
@@ -59,11 +63,12 @@ def _import_debugpy(path: str | None) -> Any:
 
 
 def _retire_after_detach(debugpy: Any) -> None:
-    attached = False
+    debugpy.trace_this_thread(False)
+    # Blocks until a client has attached: a poll of is_client_connected() alone can miss
+    # a session shorter than its interval.
+    debugpy.wait_for_client()
     while True:
-        if debugpy.is_client_connected():
-            attached = True
-        elif attached and _state["busy"] == 0:
+        if not debugpy.is_client_connected() and _state["busy"] == 0:
             # Gone, and nothing of a request is left on the stack: leave for good.
             sys.stdout.flush()
             sys.stderr.flush()

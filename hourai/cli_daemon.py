@@ -743,6 +743,22 @@ def cmd_stats(args: argparse.Namespace) -> int:
                 rows,
                 ["TENANT", "UID", "FUNCTIONS", "MEMORY", "PEAK", "CPU", "PIDS", "OOM", "LIMITS"],
             )
+        rows = [
+            [
+                z["name"],
+                z["tenant"],
+                z["parent"],
+                ", ".join(z["packages"]),
+                str(z["functions"]),
+                str(z["snapshots"]),
+                _size(z.get("memory_pss")),
+            ]
+            for z in doc.get("zygotes", [])
+        ]
+        if rows:
+            print()
+            header = ["ZYGOTE", "TENANT", "FROM", "PACKAGES", "FUNCTIONS", "SNAPSHOTS", "PSS"]
+            _table(rows, header)
 
     return _run(args, call)
 

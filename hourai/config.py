@@ -233,6 +233,8 @@ DEPLOY_KEYS: dict[str, Callable[[Any], Any]] = {
     "on_failure": _function_name,
     "schedule": _schedule,
     "trigger": _trigger,
+    # imported by its snapshot before its code (and by its zygote: hourai.snapshot.tree)
+    "preload": lambda value: _modules(value),  # (defined with the daemon keys below)
 }
 
 

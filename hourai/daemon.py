@@ -78,6 +78,7 @@ from hourai.snapshot.manager import (
     function_of,
     kill_pid,
 )
+from hourai.snapshot.tree import MIGRATIONS_PER_TICK, Group, NodeKey, ZygoteNode, ZygoteTree
 from hourai.streaming import WorkerStream
 from hourai.tenants import DEFAULT_UID_RANGE, TenantDirectory
 from hourai.tracing import RequestTrace, Tracer, TracingSettings
@@ -95,6 +96,7 @@ WORKER_MEMORY_INTERVAL = 1.0
 REFILL_DELAY = 0.005
 # A dead root zygote is restarted at once, then with doubling delays while it keeps failing.
 ZYGOTE_RESTART_DELAY = 0.2
+TREE_INTERVAL = 1.0  # seconds between the zygote tree's moves and collections
 ZYGOTE_RESTART_MAX_DELAY = 30.0
 DEFAULT_MAX_RESPONSE = FunctionLimits().max_response_size  # a removed function's last answers
 # The mark a worker puts before the lines of an invocation (hourai.isolate.context): its
@@ -169,6 +171,8 @@ class RuntimeSettings:
     packages: IndexSettings = field(default_factory=IndexSettings)
     # OpenTelemetry traces ([tracing] in the config); off unless enabled.
     tracing: TracingSettings = field(default_factory=TracingSettings)
+    # Package zygotes for functions that import the same packages (hourai.snapshot.tree).
+    zygote_tree: bool = True
 
 
 @dataclass(eq=False)
@@ -279,6 +283,14 @@ class Runtime:
         )
         self.tracer = Tracer(self.settings.tracing) if self.settings.tracing.enabled else None
         self.debugger = Debugger(self)
+        # Package zygotes of the functions' packages (hourai.snapshot.tree); what was
+        # learned is kept only where the state dir is.
+        self.tree = ZygoteTree(
+            self.loop,
+            None if self._own_state_dir else self.state_dir / "zygotes.json",
+            self._function_output,
+        )
+        self.tree.enabled = self.settings.zygote_tree
 
     def problems(self) -> list[str]:
         """What keeps the runtime from serving as deployed, right now (for /healthz)."""
@@ -316,6 +328,7 @@ class Runtime:
         self._spawn(
             self._supervise(self._watch_worker_memory, "worker memory watch"), "memory watch"
         )
+        self._spawn(self._supervise(self._tend_tree, "zygote tree"), "zygote tree")
 
     async def stop(self) -> None:
         if self._timer is not None:
@@ -340,6 +353,7 @@ class Runtime:
         for version in self.versions.values():
             if version.handle is not None:
                 version.handle.stopping = True
+        self.tree.stop_all()
         await self.zygote.stop()
         if self.tracer is not None:
             self.tracer.shutdown()
@@ -353,6 +367,32 @@ class Runtime:
         if self._own_state_dir:
             self.tenants.release()
             shutil.rmtree(self.state_dir, ignore_errors=True)
+
+    async def _tend_tree(self) -> None:
+        """Move snapshots onto the zygote the plan gives them, while they cost nobody a
+        request (no workers at all); stop zygotes nobody needs any more."""
+        while True:
+            await asyncio.sleep(TREE_INTERVAL)
+            self.tree.grow(self._launch_zygote, self._zygote_spec)
+            moved = 0
+            for name in list(self.functions):
+                if moved >= MIGRATIONS_PER_TICK:
+                    break
+                if not self.tree.wanted(name):
+                    continue
+                try:
+                    stats = self.scheduler.stats(name)
+                except KeyError:
+                    continue
+                if stats["snapshot"] != "ready" or any(stats["workers"].values()):
+                    continue
+                if stats["queued"] or stats["inflight"]:
+                    continue
+                log.info("%s: rebuilding its snapshot on its zygote", name)
+                self.unload(name, "rebuilt on its zygote")
+                self.prewarm(name)
+                moved += 1
+            self.tree.collect()
 
     async def _watch_worker_memory(self) -> None:
         """Report the RSS of workers whose function caps it, so the scheduler can recycle
@@ -490,6 +530,7 @@ class Runtime:
     def _declare(self, spec: FunctionSpec) -> None:
         """The tenant exists (uid, cgroup with its limits) and the policy knows the function."""
         self.tenants.get(spec.tenant)
+        self.tree.function(spec.name, self._group(spec), spec.preload)
         limits = self.effective_tenant_limits(spec.tenant, deploying=spec)
         self.cgroups.create(spec.tenant, limits)
         self.tenant_limits[spec.tenant] = limits
@@ -549,6 +590,7 @@ class Runtime:
         self.debugger.close(name, "the function was removed")
         self._apply(self.scheduler.remove(name))
         spec = self.functions.pop(name, None)
+        self.tree.forget(name)
         if self.resources is not None:
             self.resources.forget(name)
         if spec is not None and any(s.tenant == spec.tenant for s in self.functions.values()):
@@ -602,10 +644,17 @@ class Runtime:
             fork_failed=self._fork_failed,
             exited=self._worker_exited,
         )
+        snapshot_spec = self._snapshot_spec(spec)
+        parent, snapshot_spec["preload"] = self.tree.parent_for(
+            function, self._launch_zygote, self._zygote_spec
+        )
+        tag = f"{function}/snapshot"
         try:
-            handle = self.zygote.spawn(
-                fid, self._snapshot_spec(spec), events, f"{function}/snapshot"
-            )
+            if parent is None:
+                handle = self.zygote.spawn(fid, snapshot_spec, events, tag)
+            else:
+                handle = SnapshotHandle(fid, events, self.loop.create_future())
+                parent.spawn_handle(handle, snapshot_spec, tag)
         except RuntimeError as exc:
             self._build_failed(version, SnapshotFailed(str(exc)))
             return
@@ -632,6 +681,7 @@ class Runtime:
             info["init_ms"],
         )
         version.build_ns = (version.build_ns[0], time.time_ns())
+        self.tree.learn(spec.name, info.get("modules", ()))
         if version.built is not None and not version.built.done():
             version.built.set_result(info)
         if self.resources is not None:
@@ -649,7 +699,7 @@ class Runtime:
             version.built.exception()  # retrieved: a refused deploy is not an unhandled error
         self.versions.pop((spec.name, spec.version), None)
         if version.handle is not None:
-            self.zygote.forget(version.handle.fid)
+            (version.handle.parent or self.zygote).forget(version.handle.fid)
         self._apply(self.scheduler.snapshot_failed(spec.name, spec.version, str(exc)))
 
     def _snapshot_lost(self, version: Version, reason: str) -> None:
@@ -657,6 +707,40 @@ class Runtime:
         log.error("%s version %s: snapshot process lost (%s)", spec.name, spec.version, reason)
         version.handle = None
         self._apply(self.scheduler.snapshot_lost(spec.name, spec.version, reason))
+
+    def _group(self, spec: FunctionSpec) -> Group:
+        return (spec.tenant, None if spec.packages is None else tuple(spec.packages))
+
+    def _launch_zygote(self, node: ZygoteNode, spec: dict[str, Any]) -> None:
+        self.zygote.launch(node, spec, f"{node.key[0]}/zygote")
+
+    def _zygote_spec(self, key: NodeKey) -> dict[str, Any]:
+        """A package zygote's: confined as its tenant's snapshots are (see _snapshot_spec),
+        with none of any one function's environment, code or limits."""
+        tenant_name, packages, _modules = key
+        tenant = self.tenants.get(tenant_name)
+        sandboxed = tenant.uid is not None
+        group = [s for s in self.functions.values() if self._group(s) == key[:2]]
+        return {
+            "role": "zygote",
+            "function": f"{tenant_name}/zygote",
+            "env": default_env("", "/tmp" if sandboxed else str(tenant.tmpdir)),
+            "cwd": "" if sandboxed else str(tenant.tmpdir),
+            # every function of the tenant's code lives below this; bound back read-only
+            # where it is under /tmp
+            "keep": [str(self.codestore.root)],
+            "uid": tenant.uid,
+            "gid": tenant.gid,
+            "cgroup_procs": self.cgroups.procs_files(tenant_name),
+            "rlimits": {"core": 0, "nofile": self.settings.worker_nofile},
+            "sandbox": sandboxed,
+            "immortalize": self.settings.immortalize,
+            # the functions forked from it share its /tmp: the largest any of them asked for
+            "tmp_size": max((s.limits.tmp_size for s in group), default=FunctionLimits.tmp_size),
+            "packages": None
+            if packages is None
+            else [str(self.packages.path(name)) for name in packages],
+        }
 
     def _snapshot_spec(self, spec: FunctionSpec) -> dict[str, Any]:
         """What the snapshot needs to confine itself and load the function (see zygote)."""
@@ -921,6 +1005,10 @@ class Runtime:
         spec = self.functions.get(worker.function)
         limit = spec.limits.max_response_size if spec is not None else DEFAULT_MAX_RESPONSE
         check_worker_reply(msg, limit)
+        if msg["t"] == "imported":  # lazy imports seen in its first invocations
+            if worker.wid > 0:  # (a debug session's worker imported the debugger)
+                self.tree.learn(worker.function, msg["modules"])
+            return
         if msg["t"] == "chunk":
             self._stream_chunk(worker, msg)
             return
@@ -1262,7 +1350,7 @@ class Runtime:
                 version = self.versions.pop((d.function, d.version), None)
                 if version is not None and version.handle is not None:
                     version.handle.stop()
-                    self.zygote.forget(version.handle.fid)
+                    (version.handle.parent or self.zygote).forget(version.handle.fid)
                 if self.resources is not None and not any(
                     f == d.function for f, _ in self.versions
                 ):

@@ -506,6 +506,7 @@ class Daemon:
             resources=limits.tenant,
             source_root=entry.source_root,
             packages=tuple(entry.packages) if entry.packages is not None else None,
+            preload=tuple(entry.options.get("preload", ())),
         )
 
     def _check_packages(self, spec: FunctionSpec) -> None:
@@ -647,6 +648,7 @@ class Daemon:
                     env=options.get("env", {}),
                     limits=limits,
                     packages=packages,
+                    preload=tuple(options.get("preload", ())),
                 )
                 code = Path(spec.target.root).name
                 self._pinned[code] += 1
@@ -1108,7 +1110,13 @@ class Daemon:
             if version.handle is not None and version.handle.pid:
                 procs.append(version.handle.pid)
             procs.extend(version.workers_by_pid)
+        zygotes = runtime.tree.stats()
+        for z in zygotes:
+            if z["pid"]:
+                pids[f"zygote {z['name']}"] = [z["pid"]]
         memory = await asyncio.to_thread(_pss_by_function, pids)
+        for z in zygotes:
+            z["memory_pss"] = memory.get(f"zygote {z['name']}", {}).get("pss")
         for name in runtime.scheduler.functions():
             st = runtime.scheduler.stats(name)
             functions[name] = {
@@ -1154,7 +1162,7 @@ class Daemon:
         if runtime.resources is not None:
             budget = runtime.resources.policy.budget()
             host["memory_budget"] = None if budget == float("inf") else int(budget)
-        return {"host": host, "functions": functions, "tenants": tenants}
+        return {"host": host, "functions": functions, "tenants": tenants, "zygotes": zygotes}
 
     # ------------------------------------------------------------------ reload
 

@@ -36,6 +36,7 @@ from hourai.isolate import context, debugging, direct
 from hourai.isolate.adapters import Invoker, Outlet, new_event_loop
 from hourai.isolate.tracebacks import user_paths
 from hourai.protocol import MAX_ERROR_TEXT, Message, ProtocolError
+from hourai.snapshot import learn
 
 # The traceback is in the worker's output; the daemon only needs the gist, within its bound.
 _MAX_ERROR = MAX_ERROR_TEXT // 4
@@ -165,6 +166,7 @@ def serve_worker(channel: BlockingChannel, invoker: Invoker, spec: dict[str, Any
     debug = False
     poll = _poller(channel)
     watcher: list[select.epoll] = []
+    imports = learn.ImportWatch(spec.get("cwd"), spec.get("modules", ()))
 
     def watch() -> int:
         # An event loop's add_reader would make the channel's socket non-blocking, and the
@@ -184,6 +186,7 @@ def serve_worker(channel: BlockingChannel, invoker: Invoker, spec: dict[str, Any
         if inv["t"] != "inv":
             if inv["t"] == "debug":  # hourai debug: this worker is the session's
                 debug = True
+                imports.left = 0  # debugpy is the debugger's import, not the function's
                 channel.send(debugging.start(inv))
             continue  # else e.g. the cancel of a stream that ended meanwhile
         outlet = None
@@ -202,6 +205,15 @@ def serve_worker(channel: BlockingChannel, invoker: Invoker, spec: dict[str, Any
             finish_stream(channel.send, outlet, reply)
         else:
             send_reply(channel, inv, reply)
+        report_imports(channel.send, imports)
+
+
+def report_imports(send: Callable[[Message], None], imports: learn.ImportWatch | None) -> None:
+    """Tell the daemon what packages the first invocations imported (the zygote tree's)."""
+    if imports is not None:
+        new = imports.after_invocation()
+        if new:
+            send({"t": "imported", "modules": new})
 
 
 def finish_stream(send: Callable[[Message], None], outlet: ChannelOutlet, reply: Message) -> None:
@@ -283,7 +295,12 @@ def error_reply(inv: dict[str, Any], exc: BaseException) -> dict[str, Any]:
     return {"t": "err", "id": inv["id"], "error_id": error_id, "error": error}
 
 
-def serve_worker_concurrent(sock: socket.socket, invoker: Invoker, concurrency: int) -> None:
+def serve_worker_concurrent(
+    sock: socket.socket,
+    invoker: Invoker,
+    concurrency: int,
+    imports: learn.ImportWatch | None = None,
+) -> None:
     """Thread mode: up to `concurrency` invocations at once on this worker's own loop."""
     loop = getattr(invoker, "loop", None) or new_event_loop()
     asyncio.set_event_loop(loop)
@@ -343,6 +360,7 @@ def serve_worker_concurrent(sock: socket.socket, invoker: Invoker, concurrency: 
             finish_stream(channel.send, outlet, reply)
         else:
             send_reply(channel, inv, reply)
+        report_imports(send, imports)
 
     def on_message(msg: dict[str, Any], _fds: list[int]) -> None:
         if msg["t"] == "inv":
@@ -352,6 +370,8 @@ def serve_worker_concurrent(sock: socket.socket, invoker: Invoker, concurrency: 
         elif msg["t"] == "debug":
             nonlocal debug
             debug = True
+            if imports is not None:
+                imports.left = 0  # debugpy is the debugger's import, not the function's
             channel.send(debugging.start(msg))
         elif msg["t"] == "cancel":
             outlet = outlets.get(msg.get("id"))  # type: ignore[arg-type]

@@ -205,6 +205,47 @@ def test_tenants_never_share_a_zygote(hourai_daemon, tmp_path: Path) -> None:
         assert psutil.Process(mine).uids().real == (uid if uid is not None else os.geteuid())
 
 
+# A package that attacks only from a zygote (there HOURAI_FUNCTION is empty), so its
+# functions deploy and serve: a length prefix no frame may have, on the zygote's channel.
+SNEAKY = """\
+import os, socket, stat, struct
+if not os.environ.get("HOURAI_FUNCTION"):
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            fd = int(name)
+            if stat.S_ISSOCK(os.fstat(fd).st_mode):
+                sock = socket.socket(fileno=os.dup(fd))
+                if sock.family == socket.AF_UNIX:
+                    sock.sendall(struct.pack(">I", 0xFFFFFFF0))
+        except OSError:
+            pass
+"""
+
+
+@needs_root
+def test_a_zygote_that_forges_frames_is_killed_and_not_restarted_in_a_loop(
+    hourai_daemon, tmp_path: Path
+) -> None:
+    wheels = _wheels(tmp_path / "wheels")
+    build_wheel(wheels, "sneaky", "1.0", {"sneaky/__init__.py": SNEAKY})
+    d = hourai_daemon(_config(wheels))
+    root = Path(hourai_daemon.root)
+    code = EAGER.replace("import heavy", "import heavy, sneaky")
+    for name in ("s1", "s2"):
+        d.cli("deploy", name, str(_function(root, name, code, "heavy\nsneaky\n")))
+        _call(d, name)
+    wait_until(lambda: "broke the channel protocol" in "\n".join(d.lines), timeout=30)
+    assert any("lost" in line and "not started again" in line for line in d.lines)
+    # its functions serve on, from snapshots of their own, and the zygote stays down
+    deadline = time.monotonic() + 3
+    while time.monotonic() < deadline:
+        for name in ("s1", "s2"):
+            assert _call(d, name)["modules"] == ["heavy"]
+        time.sleep(0.2)
+    assert sum("broke the channel protocol" in line for line in d.lines) == 1
+    assert _zygotes(d) == []
+
+
 # ---------------------------------------------------------------------- the plan, as a function
 
 _SETS = st.frozensets(st.sampled_from(["flask", "jinja2", "numpy", "pandas", "redis", "attr"]))

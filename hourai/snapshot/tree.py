@@ -54,6 +54,11 @@ MIN_SHARED = 2  # functions that must use a zygote's packages for it to be worth
 MAX_NODES_PER_TENANT = 8
 MAX_CANDIDATE_SETS = 32  # distinct package sets per group looked at (the most common)
 MIGRATIONS_PER_TICK = 4
+# A zygote that died or broke the channel protocol is not started again for this long,
+# doubled at each repeat: a package that kills or forges from its zygote costs its tenant
+# the sharing, never a restart loop.
+BROKEN_DELAY = 30.0
+BROKEN_MAX_DELAY = 3600.0
 
 Group = tuple[str, tuple[str, ...] | None]  # tenant, declared distributions' dirs
 NodeKey = tuple[str, tuple[str, ...] | None, frozenset[str]]
@@ -222,6 +227,7 @@ class ZygoteTree:
         self.plan: dict[str, NodeKey | None] = {}
         self.built_from: dict[str, tuple[NodeKey | None, frozenset[str]]] = {}
         self.enabled = True
+        self.broken: dict[NodeKey, tuple[float, float]] = {}  # key -> (until, last delay)
         self._load()
 
     # -- what is known
@@ -328,6 +334,8 @@ class ZygoteTree:
         node = self.nodes.get(key)
         if node is not None:
             return node
+        if key in self.broken and self.loop.time() < self.broken[key][0]:
+            return None
         siblings = [k[2] for k in set(self.plan.values()) if k is not None and k[:2] == key[:2]]
         above = parent_set(key[2], siblings)
         parent = self._ensure((*key[:2], above), launch_root, node_spec) if above else None
@@ -359,8 +367,20 @@ class ZygoteTree:
         return node
 
     def _lost(self, node: ZygoteNode, reason: str) -> None:
-        log.warning("zygote %s lost (%s); its snapshots are rebuilt on demand", node.fid, reason)
-        self.nodes.pop(node.key, None)
+        _until, last = self.broken.get(node.key, (0.0, 0.0))
+        delay = min(max(last * 2, BROKEN_DELAY), BROKEN_MAX_DELAY)
+        self.broken[node.key] = (self.loop.time() + delay, delay)
+        log.warning(
+            "tenant %s: zygote %s for %s lost (%s); its snapshots are rebuilt without it, "
+            "and it is not started again for %.0fs",
+            node.key[0],
+            node.fid,
+            ", ".join(sorted(node.modules)),
+            reason,
+            delay,
+        )
+        if self.nodes.get(node.key) is node:
+            del self.nodes[node.key]
 
     def wanted(self, name: str) -> bool:
         """Whether ``name``'s snapshot would be built differently now (another zygote, or

@@ -178,6 +178,7 @@ class Daemon:
                     else None,
                     packages=_index_settings(config),
                     tracing=config.tracing,
+                    zygote_tree=config.zygote_tree,
                 )
             )
         except (RuntimeError, CgroupError, OSError) as exc:

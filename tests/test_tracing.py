@@ -275,6 +275,110 @@ def test_a_failed_requests_lines_are_found_from_its_error_id(
     )
 
 
+THREADED = """
+import json
+import threading
+import time
+from opentelemetry import trace
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+
+provider = TracerProvider(resource=Resource.create({{"service.name": "user-fn"}}))
+provider.add_span_processor(
+    SimpleSpanProcessor(OTLPSpanExporter(endpoint="http://127.0.0.1:{port}/v1/traces"))
+)
+trace.set_tracer_provider(provider)
+tracer = trace.get_tracer("user")
+
+
+def _work(token):
+    began = time.time()
+    print("begin", token)
+    time.sleep(0.6)
+    print("end", token)
+    return {{"began": began, "ended": time.time(), "thread": threading.current_thread().name}}
+
+
+def handler(event, context):
+    with tracer.start_as_current_span("user.threaded"):
+        out = _work(event["rawPath"].rsplit("/", 1)[-1])
+    return {{**out, "request_id": context.aws_request_id, "seen": event["headers"]["traceparent"]}}
+
+
+def application(environ, start_response):
+    out = _work(environ["PATH_INFO"].rsplit("/", 1)[-1])
+    start_response("200 OK", [("content-type", "application/json")])
+    return [json.dumps(out).encode()]
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("attr", ["handler", "application"], ids=["handler", "wsgi"])
+def test_sync_functions_in_thread_mode_keep_their_request_and_trace_context(
+    hourai_daemon, receiver: Receiver, attr: str
+) -> None:
+    """concurrency > 1: a sync function runs in the worker's pool threads, two requests at
+    once on one worker; each one's lines carry its own request id, and its spans nest under
+    its own invocation span."""
+    d = hourai_daemon(
+        "[defaults]\nspares = 0\nconcurrency = 4\nmax_workers = 1\n"
+        f"[tracing]\nenabled = true\nendpoint = 'http://127.0.0.1:{receiver.port}/v1/traces'\n"
+    )
+    fn = Path(hourai_daemon.root) / "threaded"
+    fn.mkdir()
+    (fn / "handler.py").write_text(THREADED.format(port=receiver.port))
+    fn.chmod(0o755)
+    (fn / "handler.py").chmod(0o644)
+    d.cli("deploy", "threaded", f"{fn / 'handler.py'}:{attr}")
+    assert d.get("/threaded/warm").status == 200  # the worker is up: the two overlap on it
+
+    replies: dict[str, Any] = {}
+
+    def call(token: str) -> None:
+        replies[token] = d.get(f"/threaded/{token}")
+
+    first = threading.Thread(target=call, args=("tok-one",))
+    first.start()
+    time.sleep(0.25)  # the second starts while the first sleeps (and no line is half written)
+    call("tok-two")
+    first.join()
+    one, two = (replies[t].json() for t in ("tok-one", "tok-two"))
+    assert all(replies[t].status == 200 for t in replies), replies
+    # one worker, two pool threads at once
+    assert one["thread"].startswith("invocation") and two["thread"].startswith("invocation")
+    assert one["thread"] != two["thread"] and two["began"] < one["ended"]  # type: ignore[index]
+
+    log = d.cli("logs", "threaded").stdout
+    for token in ("tok-one", "tok-two"):
+        lines = [line for line in log.splitlines() if line.endswith(f" {token}")]
+        assert len(lines) == 2, log
+        found = {re.search(r"req=([0-9a-f]+-\d+) ", line) for line in lines}
+        assert None not in found, lines
+        (request_id,) = {m.group(1) for m in found}  # type: ignore[union-attr]
+        assert d.cli("logs", "threaded", "--request", request_id).stdout.splitlines() == lines
+        if attr == "handler":
+            assert replies[token].json()["request_id"] == request_id  # type: ignore[index]
+            assert all("trace=" in line for line in lines)
+
+    if attr == "handler":
+        # the function's own span is a child of hourai's invocation span, in each trace
+        for reply in (one, two):
+            seen = parse_traceparent(reply["seen"])  # type: ignore[index]
+            assert seen is not None
+            trace_id = f"{seen[0]:032x}"
+            wait_until(
+                lambda t=trace_id: (
+                    {"user.threaded", "hourai.invoke"} <= {s.name for s in receiver.trace(t)}
+                )
+            )
+            spans = receiver.trace(trace_id)
+            invoke = _one(spans, "hourai.invoke")
+            assert invoke.span_id == f"{seen[1]:016x}"
+            assert _one(spans, "user.threaded").parent == invoke.span_id
+
+
 def test_an_absent_collector_costs_requests_nothing_and_drops_are_counted() -> None:
     import socket
 

@@ -588,6 +588,9 @@ def cmd_invocations(args: argparse.Namespace) -> int:
                 print(f"  condition: {doc['condition']}")
             if doc.get("error"):
                 print(f"  error: {doc['error']}")
+            tp = doc.get("traceparent")
+            if tp:  # hourai's own publish span: what each attempt's trace links to
+                print(f"  accepted in trace {tp[3:35]} (span {tp[36:52]})")
             if "result" in doc:
                 print(f"  result: {json.dumps(doc['result'])}")
             print(f"  event: {json.dumps(doc.get('event'))}")

@@ -100,6 +100,8 @@ def test_every_attempt_links_to_the_request_that_queued_it(
     # the queue keeps the creation context: the publish span's
     doc = Client(d.socket).invocations("job", iid)
     assert doc["traceparent"] == f"00-{trace_id}-{publish.span_id}-01"
+    shown = d.cli("invocations", "job", iid).stdout
+    assert f"accepted in trace {trace_id} (span {publish.span_id})" in shown
 
     # three attempts (two retries), each a trace of its own linking back to the publish span
     wait_until(lambda: len(_runs(receiver, "job", iid)) == 3, timeout=60)

@@ -38,7 +38,7 @@ from hourai.channel import AsyncChannel
 from hourai.codestore import CodeStore
 from hourai.debug import Debugger
 from hourai.ingress import Request, Response, error_response
-from hourai.invocations.runner import InvokeEvent, Outcome
+from hourai.invocations.runner import Delivery, InvokeEvent, Outcome
 from hourai.isolate import sandbox
 from hourai.packages.installer import IndexSettings, Installer
 from hourai.packages.store import PackageStore
@@ -806,11 +806,12 @@ class Runtime:
         *,
         event: bytes | None = None,
         traceparent: str | None = None,
-        trace_links: tuple[str, ...] = (),
+        delivery: Delivery | None = None,
         stream: bool = False,
     ) -> Response:
-        """Run one request. ``traceparent`` and ``trace_links`` place its trace when it did
-        not come with one in its headers (hourai.tracing says how). With ``stream``, a
+        """Run one request. ``traceparent`` places its trace when it did not come with one
+        in its headers; ``delivery`` makes it no HTTP request but the delivery of queued
+        events, traced as their consumer (hourai.tracing says how). With ``stream``, a
         response the function streams comes back as soon as its head does, with a
         :class:`WorkerStream` for the rest (which the caller must attach or cancel); without,
         the function's stream is buffered whole."""
@@ -821,18 +822,26 @@ class Runtime:
         pending.timeout = timeout
         pending.event = event
         if self.tracer is not None:
-            pending.trace = self.tracer.request(
-                f"{request.method} {spec.name}",
-                request.headers,
-                {
-                    "faas.name": spec.name,
-                    "faas.version": spec.version,
-                    "http.request.method": request.method,
-                    "url.path": request.path,
-                },
-                traceparent=traceparent,
-                links=trace_links,
-            )
+            if delivery is None:
+                pending.trace = self.tracer.request(
+                    f"{request.method} {spec.name}",
+                    request.headers,
+                    {
+                        "faas.name": spec.name,
+                        "faas.version": spec.version,
+                        "http.request.method": request.method,
+                        "url.path": request.path,
+                    },
+                    traceparent=traceparent,
+                )
+            else:
+                pending.trace = self.tracer.request(
+                    f"process {spec.name}",
+                    (),
+                    {"faas.name": spec.name, "faas.version": spec.version, **delivery.attributes},
+                    links=delivery.links,
+                    kind="consumer",
+                )
         pending.streamable = stream and event is None
         if self.resources is not None:
             now = self.loop.time()
@@ -898,7 +907,8 @@ class Runtime:
     def _trace_done(self, pending: Pending, response: Response) -> None:
         assert pending.trace is not None
         error_id = None
-        if response.status >= 500:
+        # A direct invocation's function error is a 200 (Lambda's way), with its error id.
+        if response.status >= 500 or pending.event is not None:
             error_id = next((v for k, v in response.headers if k == "x-hourai-error-id"), None)
         pending.trace.done(response.status, pending.start, error_id)
         pending.trace = None
@@ -1423,7 +1433,46 @@ class Router:
 
 # Asynchronous invocation over HTTP: either header, with Lambda's value for it.
 INVOCATION_TYPE_HEADERS = ("x-hourai-invocation-type", "x-amz-invocation-type")
-AcceptEvent = Callable[[str, bytes, str], Awaitable[str]]  # (function, event, source) -> id
+# (function, event, source, traceparent) -> id, once durable
+AcceptEvent = Callable[[str, bytes, str, str | None], Awaitable[str]]
+
+
+async def accept_event(
+    runtime: Runtime,
+    accept: AcceptEvent,
+    name: str,
+    event: bytes,
+    source: str,
+    request: Request | None = None,
+    traceparent: str | None = None,
+) -> str:
+    """Queue an event, traced when tracing is on: the HTTP ``request`` that queued it (if
+    one did) and its ``publish`` span, whose context goes into the queue with the event
+    (see hourai.tracing). The caller's context comes from the request's headers, else
+    ``traceparent``. Raises what ``accept`` raises."""
+    tracer = runtime.tracer
+    if tracer is None:
+        return await accept(name, event, source, None)
+    if request is None:
+        trace = tracer.accepting(name, traceparent=traceparent)
+    else:
+        trace = tracer.accepting(
+            name,
+            request.headers,
+            request=f"{request.method} {name}",
+            attributes={
+                "faas.name": name,
+                "http.request.method": request.method,
+                "url.path": request.path,
+            },
+        )
+    try:
+        iid = await accept(name, event, source, trace.traceparent)
+    except BaseException:
+        trace.done(503, None)
+        raise
+    trace.done(202, iid)
+    return iid
 
 
 def _function_error(payload: bytes) -> str:
@@ -1451,16 +1500,20 @@ def http_handler(
         if accept is not None and any(
             (request.header(h) or "").lower() == "event" for h in INVOCATION_TYPE_HEADERS
         ):
-            return await _accept_async(accept, spec.name, request)
+            return await _accept_async(runtime, accept, spec.name, request)
         return await runtime.invoke(spec, request, root_path, path, stream=True)
 
     return handle
 
 
-async def _accept_async(accept: AcceptEvent, name: str, request: Request) -> Response:
+async def _accept_async(
+    runtime: Runtime, accept: AcceptEvent, name: str, request: Request
+) -> Response:
     """The body is the event (as with Lambda's Invoke API); answered once it is durable."""
     try:
-        iid = await accept(name, bytes(request.body) or b"{}", "http")
+        iid = await accept_event(
+            runtime, accept, name, bytes(request.body) or b"{}", "http", request
+        )
     except Exception as exc:
         log.error("%s: could not queue an async invocation: %s", name, exc)
         return error_response(503, f"the async invocation could not be stored: {exc}")
@@ -1493,7 +1546,9 @@ def event_invoker(runtime: Runtime) -> InvokeEvent:
             kinds[spec.name] = str(built.result().get("kind"))
         return kinds.get(spec.name) or spec.kind
 
-    async def invoke_event(name: str, event: bytes, timeout: float | None) -> Outcome:
+    async def invoke_event(
+        name: str, event: bytes, timeout: float | None, delivery: Delivery | None = None
+    ) -> Outcome:
         spec = runtime.functions.get(name)
         if spec is None:
             return Outcome(404, b"", f"function {name} is not deployed", throttled=True)
@@ -1503,7 +1558,7 @@ def event_invoker(runtime: Runtime) -> InvokeEvent:
         )
         direct = kind_of(spec) == "handler"
         response = await runtime.invoke(
-            spec, request, "", "/", timeout, event=event if direct else None
+            spec, request, "", "/", timeout, event=event if direct else None, delivery=delivery
         )
         body = bytes(response.body)
         ran = any(k == "x-hourai-start" for k, _ in response.headers)

@@ -50,6 +50,7 @@ from hourai.daemon import (
     Router,
     Runtime,
     RuntimeSettings,
+    accept_event,
     event_invoker,
     http_handler,
 )
@@ -67,6 +68,7 @@ from hourai.registry import FunctionSpec, build_spec, check_name
 from hourai.scheduler.policy import PolicyParams
 from hourai.sdnotify import Notifier
 from hourai.state import FunctionRecord, StateError, StateStore, VersionRecord
+from hourai.tracing import parse_traceparent
 
 log = logging.getLogger("hourai")
 
@@ -901,9 +903,11 @@ class Daemon:
             out["body_base64"] = base64.b64encode(bytes(response.body)).decode()
         return out
 
-    async def _enqueue_lambda(self, spec: FunctionSpec, event: bytes) -> str:
+    async def _enqueue_lambda(self, spec: FunctionSpec, event: bytes, request: Request) -> str:
         """The Invoke API's InvocationType=Event: into the durable queue."""
-        return await self.invocations.accept(spec.name, event, "lambda-api")
+        return await accept_event(
+            self.runtime, self.invocations.accept, spec.name, event, "lambda-api", request
+        )
 
     def _serve_events(self, name: str) -> None:
         """The function serves: its async settings, schedule and trigger follow its active
@@ -929,8 +933,13 @@ class Daemon:
         if "event" not in body:
             raise ApiError(400, 'give the event as {"event": ...} (any JSON value)')
         event = json.dumps(body["event"], separators=(",", ":")).encode()
+        traceparent = body.get("traceparent")
+        if traceparent is not None and parse_traceparent(traceparent) is None:
+            raise ApiError(400, f"traceparent is not a W3C traceparent: {traceparent!r}")
         try:
-            iid = await self.invocations.accept(name, event, "api")
+            iid = await accept_event(
+                self.runtime, self.invocations.accept, name, event, "api", None, traceparent
+            )
         except QueueError as exc:
             raise ApiError(507, str(exc)) from None
         return {"id": iid, "function": name, "status": "queued"}

@@ -3,7 +3,9 @@
 "process" isolation (concurrency 1, like a Lambda instance): a blocking loop, one invocation
 at a time, nothing between the channel and the function. "thread" isolation (concurrency
 N > 1): the worker's own event loop reads the channel and runs up to N invocations at once,
-async functions and ASGI apps as tasks on that loop, sync ones in a pool of N threads.
+async functions and ASGI apps as tasks on that loop, sync ones in a pool of N threads, each
+call in a copy of its task's context (the invocation's log mark and trace context, see
+:mod:`hourai.isolate.context`).
 
 A response the function streams (an ASGI body with ``more_body``, a WSGI generator) goes out
 as it is produced, through an :class:`Outlet`: a ``res`` frame with ``more`` at the first

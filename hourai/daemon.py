@@ -78,7 +78,14 @@ from hourai.snapshot.manager import (
     function_of,
     kill_pid,
 )
-from hourai.snapshot.tree import MIGRATIONS_PER_TICK, Group, NodeKey, ZygoteNode, ZygoteTree
+from hourai.snapshot.tree import (
+    MIGRATIONS_PER_TICK,
+    Group,
+    NodeKey,
+    ZygoteNode,
+    ZygoteTree,
+    output_name,
+)
 from hourai.streaming import WorkerStream
 from hourai.tenants import DEFAULT_UID_RANGE, TenantDirectory
 from hourai.tracing import RequestTrace, Tracer, TracingSettings
@@ -712,7 +719,7 @@ class Runtime:
         return (spec.tenant, None if spec.packages is None else tuple(spec.packages))
 
     def _launch_zygote(self, node: ZygoteNode, spec: dict[str, Any]) -> None:
-        self.zygote.launch(node, spec, f"{node.key[0]}/zygote")
+        self.zygote.launch(node, spec, output_name(node.key[0]))
 
     def _zygote_spec(self, key: NodeKey) -> dict[str, Any]:
         """A package zygote's: confined as its tenant's snapshots are (see _snapshot_spec),
@@ -723,7 +730,7 @@ class Runtime:
         group = [s for s in self.functions.values() if self._group(s) == key[:2]]
         return {
             "role": "zygote",
-            "function": f"{tenant_name}/zygote",
+            "function": output_name(tenant_name),
             "env": default_env("", "/tmp" if sandboxed else str(tenant.tmpdir)),
             "cwd": "" if sandboxed else str(tenant.tmpdir),
             # every function of the tenant's code lives below this; bound back read-only

@@ -28,6 +28,7 @@ needs_root = pytest.mark.skipif(
 
 HEAVY = """\
 import os
+print("heavy imported for", repr(os.environ.get("HOURAI_FUNCTION")), flush=True)
 LOADED_IN = os.getpid()
 TABLE = [str(i) * 3 for i in range(20000)]  # pages worth sharing
 """
@@ -192,6 +193,9 @@ def test_tenants_never_share_a_zygote(hourai_daemon, tmp_path: Path) -> None:
             name = f"{tenant}{i}"
             d.cli("deploy", name, str(_function(root, name, EAGER)), "--tenant", tenant)
             _call(d, name)
+    # a function of blue's named like the other tenant: red's zygote never writes its log
+    d.cli("deploy", "red", str(_function(root, "red", EAGER)), "--tenant", "blue")
+    _call(d, "red")
     wait_until(lambda: len(_zygotes(d)) == 2, timeout=30)
     by_tenant = {z["tenant"]: z for z in _zygotes(d)}
     assert set(by_tenant) == {"red", "blue"}
@@ -203,6 +207,18 @@ def test_tenants_never_share_a_zygote(hourai_daemon, tmp_path: Path) -> None:
         # each tenant's zygote runs as that tenant, never as root
         uid = d.cli_json("stats")["tenants"][tenant].get("uid")
         assert psutil.Process(mine).uids().real == (uid if uid is not None else os.geteuid())
+    # what a zygote prints is its tenant's, in a log of its own
+    logs = d.state / "logs"
+    wait_until(lambda: "heavy imported for ''" in _read(logs / "zygote.red.log"))
+    assert "heavy imported for 'red'" in _read(logs / "red.log")
+    assert "''" not in _read(logs / "red.log")
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text()
+    except FileNotFoundError:
+        return ""
 
 
 # A package that attacks only from a zygote (there HOURAI_FUNCTION is empty), so its

@@ -66,6 +66,12 @@ NodeKey = tuple[str, tuple[str, ...] | None, frozenset[str]]
 _fids = itertools.count(1)
 
 
+def output_name(tenant: str) -> str:
+    """Where a tenant's zygotes' output goes (``logs/zygote.TENANT.log``): a name no function
+    can have (no dots in function names), so it never lands in a function's log."""
+    return f"zygote.{tenant}"
+
+
 @dataclass(eq=False)
 class ZygoteNode:
     """The daemon's view of one package zygote process."""
@@ -347,7 +353,7 @@ class ZygoteTree:
         spec = node_spec(key)
         spec["preload"] = sorted(key[2] - (parent.modules if parent is not None else set()))
         self.nodes[key] = node
-        tag = f"{key[0]}/zygote"
+        tag = output_name(key[0])
         try:
             if parent is not None:
                 parent.launch(node, spec, tag)

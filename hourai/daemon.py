@@ -688,7 +688,7 @@ class Runtime:
             info["init_ms"],
         )
         version.build_ns = (version.build_ns[0], time.time_ns())
-        self.tree.learn(spec.name, info.get("modules", ()))
+        self.tree.built(spec.name, info.get("modules", ()))
         if version.built is not None and not version.built.done():
             version.built.set_result(info)
         if self.resources is not None:

@@ -290,3 +290,29 @@ def test_a_plan_shares_what_functions_have_in_common() -> None:
     plan = plan_group({k: frozenset(v) for k, v in used.items()})
     assert plan["c"] == plan["g"] == flask | {"redis"} and plan["a"] == flask
     assert parent_set(flask | {"redis"}, set(plan.values())) == flask
+
+
+def test_a_snapshot_that_taught_the_tree_its_imports_is_not_rebuilt_for_them() -> None:
+    import asyncio
+
+    from hourai.snapshot.tree import ZygoteTree
+
+    def no_zygote(*_args: object) -> None:
+        raise AssertionError("no zygote is planned for a function alone in its group")
+
+    loop = asyncio.new_event_loop()
+    try:
+        tree = ZygoteTree(loop, None, lambda _tag, _text: None)
+        tree.function("f", ("acme", ("heavy-1.0-abc",)))
+        assert tree.parent_for("f", no_zygote, no_zygote) == (None, [])  # nothing known yet
+        # its own import of heavy is what taught the tree: heavy is loaded in it already
+        tree.built("f", ["heavy"])
+        assert tree.uses("f") == {"heavy"} and not tree.wanted("f")
+        # a lazy import its worker saw is not in the snapshot: rebuilt to preload it
+        tree.learn("f", ["other"])
+        assert tree.wanted("f")
+        assert tree.parent_for("f", no_zygote, no_zygote) == (None, ["heavy", "other"])
+        tree.built("f", ["heavy", "other"])
+        assert not tree.wanted("f")
+    finally:
+        loop.close()

@@ -280,6 +280,17 @@ class ZygoteTree:
         self._replan()
         return True
 
+    def built(self, name: str, modules: Iterable[str]) -> None:
+        """``name``'s snapshot is ready and reported ``modules`` imported: learned, and
+        counted as built with them (they are loaded in it already), so a snapshot whose
+        own import taught the tree its packages is not rebuilt only to import them again."""
+        modules = list(modules)
+        self.learn(name, modules)
+        built = self.built_from.get(name)
+        if built is not None:
+            have = frozenset(modules) & self.uses(name)
+            self.built_from[name] = (built[0], built[1] | have)
+
     def uses(self, name: str) -> frozenset[str]:
         return frozenset(self.used.get(name, ())) | frozenset(self.declared.get(name, ()))
 

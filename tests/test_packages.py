@@ -89,6 +89,31 @@ def test_the_store_installs_once_and_a_closed_pin_set_needs_no_resolution(tmp_pa
     assert not any((tmp_path / "store" / "dists").iterdir())
 
 
+def test_a_distribution_is_named_by_its_content_read_in_blocks(tmp_path) -> None:
+    import hashlib
+
+    from bench.wheels import build_wheel
+    from hourai.packages.installer import IndexSettings, Installer
+    from hourai.packages.store import _NOT_CONTENT, PackageStore, interpreter_tag
+
+    big = "".join(f"{i:07d}\n" for i in range(400_000))  # 3.2 MB: more than one block
+    files = {"big/__init__.py": "", "big/data.txt": big}
+    wheels = tmp_path / "wheels"
+    build_wheel(wheels, "big", "1.0", files)
+    settings = IndexSettings(no_index=True, find_links=(str(wheels),), cache_dir=tmp_path / "c")
+    (name,) = PackageStore(tmp_path / "store", Installer(settings)).provide(["big==1.0"])
+    # the digest's format is the store's: a name once given never changes under an upgrade
+    digest = hashlib.sha256(interpreter_tag().encode())
+    stored = tmp_path / "store" / "dists" / name
+    for path in sorted(p.relative_to(stored) for p in stored.rglob("*") if p.is_file()):
+        if "__pycache__" in path.parts or path.name in _NOT_CONTENT:
+            continue  # not content: bytecode, what the installer writes about the install
+        rel, data = str(path), (stored / path).read_bytes()
+        digest.update(len(rel).to_bytes(4, "big") + rel.encode() + len(data).to_bytes(8, "big"))
+        digest.update(data)
+    assert name == f"big-1.0-{digest.hexdigest()[:16]}"
+
+
 # ---------------------------------------------------------------------- through the daemon
 
 

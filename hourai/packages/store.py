@@ -34,6 +34,7 @@ import threading
 from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 from hourai.fsutil import atomic_write, fsync_dir, sync_tree
 from hourai.packages.installer import Installer, InstallError, Pin, normalize
@@ -42,6 +43,7 @@ from hourai.packages.requirements import declared
 # What an installer writes about the install itself (times, its own name): not content.
 _NOT_CONTENT = {"RECORD", "INSTALLER", "REQUESTED", "uv_cache.json", "direct_url.json"}
 _DIR_MODE, _FILE_MODE = 0o755, 0o644
+_HASH_BLOCK = 1 << 20
 _EXACT = re.compile(r"^\s*([A-Za-z0-9][A-Za-z0-9._-]*)\s*==\s*([A-Za-z0-9.+!_-]+)\s*$")
 
 
@@ -146,11 +148,7 @@ class PackageStore:
         for rel in files:
             if "__pycache__" in rel.parts or (rel.parent == meta and rel.name in _NOT_CONTENT):
                 continue
-            data = (staging / rel).read_bytes()
-            digest.update(
-                len(str(rel)).to_bytes(4, "big") + str(rel).encode() + len(data).to_bytes(8, "big")
-            )
-            digest.update(data)
+            _hash_file(digest, staging / rel, str(rel))
         name = f"{pin.name}-{pin.version}-{digest.hexdigest()[:16]}"
         dest = self.path(name)
         if dest.is_dir():
@@ -269,6 +267,17 @@ def _files_of(staging: Path, info: Path) -> list[Path]:
                 if (staging / pyc).is_file():
                     out.add(pyc)
     return sorted(out)
+
+
+def _hash_file(digest: Any, path: Path, rel: str) -> None:
+    """Add one file to a directory's digest: its path, its size, its bytes. Read in blocks:
+    a whole numpy extension read at once is a 30 MiB buffer that glibc keeps in the daemon's
+    heap after it is freed (its mmap threshold grows past such sizes)."""
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        digest.update(len(rel).to_bytes(4, "big") + rel.encode() + size.to_bytes(8, "big"))
+        while block := f.read(_HASH_BLOCK):
+            digest.update(block)
 
 
 def _set_access(root: Path) -> None:

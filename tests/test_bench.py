@@ -59,9 +59,28 @@ def test_quick_suite_writes_results_for_every_part(tmp_path) -> None:
         for case in ("cpu hog", "memory hog", "fork bomb"):
             assert cases[case]["light_cpu_shares"] == cases[case]["neighbour_cpu_shares"]
         assert 0 < cases["fork bomb"]["neighbour_pids_peak"] <= isolation["limits"]["pids_max"]
-    points = doc["parts"]["density"]["points"]
-    assert [p["functions"] for p in points] == [5, 10]
-    assert all(p["hourai_pss"] > 0 and p["baseline_pss"] > 0 for p in points)
+    density = doc["parts"]["density"]
+    points = density["points"]
+    assert [p["functions"] for p in points] == [10, 20]  # one tenant, then two
+    for p in points:
+        assert p["settled"], p
+        # the tree did its work: the functions that use the same packages fork from a zygote
+        assert p["zygotes"] > 0 and p["snapshots_on_zygotes"] > 0
+        resident, warm = p["resident"], p["warm"]
+        roles = set(resident["by_role"])
+        assert roles == {"daemon", "root zygote", "package zygotes", "snapshots"}
+        assert warm["by_role"]["workers"]["processes"] == p["functions"]
+        assert 0 < resident["pss"] < warm["pss"]
+        for state in ("idle", "served"):
+            assert 0 < p["baseline"][state]["floor"] <= p["baseline"][state]["linear"]
+    for variant, cold in density["cold"].items():
+        assert cold["no zygote"]["n"] > 0, variant
+        if variant != "plain":  # (no packages: no zygote)
+            assert cold["with zygote"]["built_on_zygote"] == cold["with zygote"]["n"] > 0
+    assert {"cold cache", "warm cache, empty store", "packages stored"} <= set(
+        density["deploy_summary"]
+    )
+    assert len(density["goals"]) == 5
     assert (out / "density.png").stat().st_size > 0
     servers = doc["parts"]["warm"]["servers"]
     assert {"uvicorn/asgi", "gunicorn/wsgi", "hourai-1w/asgi", "hourai-1w/wsgi"} <= set(servers)

@@ -65,7 +65,7 @@ OTHER = (
 
 
 def _wheels(where: Path) -> Path:
-    build_wheel(where, "heavy", "1.0", {"heavy/__init__.py": HEAVY})
+    build_wheel(where, "heavy", "1.0", {"heavy/__init__.py": HEAVY, "heavy/sub.py": "PART = 1\n"})
     build_wheel(where, "other", "1.0", {"other/__init__.py": "VALUE = 1\n"})
     return where
 
@@ -142,6 +142,26 @@ def test_a_lazy_import_is_learned_and_done_before_the_next_workers_fork(
     d.stop()
     again = hourai_daemon(_config(tmp_path / "wheels"))  # the same state dir
     assert _call(again, "lazy")["heavy_before"] is True
+
+
+SUBMODULE = (
+    "import os, sys\nimport heavy\n"
+    + _REPLY
+    + """
+def handler(event, context):
+    before = "heavy.sub" in sys.modules
+    import heavy.sub  # a part of a package its import did not bring (anyio's backends)
+    return _reply(before)
+"""
+)
+
+
+@needs_root
+def test_a_lazily_imported_part_of_a_package_is_learned_too(hourai_daemon, tmp_path) -> None:
+    d = hourai_daemon(_config(_wheels(tmp_path / "wheels")))
+    d.cli("deploy", "part", str(_function(Path(hourai_daemon.root), "part", SUBMODULE)))
+    assert _call(d, "part")["heavy_before"] is False
+    _settles(d, "part", lambda got: got["heavy_before"])
 
 
 @needs_root

@@ -32,15 +32,24 @@ def check_modules(value: Any, what: str = "modules") -> list[str]:
     return value
 
 
-def third_party(code_root: str | None, names: Iterable[str] | None = None) -> list[str]:
-    """The top-level third-party packages in ``sys.modules`` (of ``names`` if given)."""
+def third_party(
+    code_root: str | None, names: Iterable[str] | None = None, *, submodules: bool = False
+) -> list[str]:
+    """The top-level third-party packages in ``sys.modules`` (of ``names`` if given); with
+    ``submodules``, the dotted names themselves (a package's parts imported lazily, like
+    anyio's backends on a FastAPI app's first request, are not done by importing its top)."""
     from hourai.packages.importpath import _Places
 
     places = _Places()
     own = os.path.realpath(code_root) if code_root else None
     tops: set[str] = set()
+    parts: set[str] = set()
     for name in list(sys.modules) if names is None else names:
         top = name.partition(".")[0]
+        if submodules and name != top and top in tops:
+            if len(name) <= _MAX_NAME and _NAME.match(name):
+                parts.add(name)
+            continue
         if top in tops or top.startswith("_"):
             continue
         module = sys.modules.get(top)
@@ -55,7 +64,9 @@ def third_party(code_root: str | None, names: Iterable[str] | None = None) -> li
             continue  # the function's own modules
         if len(top) <= _MAX_NAME and _NAME.match(top):
             tops.add(top)
-    return sorted(tops)[:MAX_MODULES]
+            if submodules and name != top and _NAME.match(name) and len(name) <= _MAX_NAME:
+                parts.add(name)
+    return sorted(tops | parts)[:MAX_MODULES]
 
 
 class ImportWatch:
@@ -77,7 +88,8 @@ class ImportWatch:
             return None  # the common case: one len() per invocation
         names = [name for name in list(sys.modules) if name not in self.base]
         self.base.update(names)
-        new = [m for m in third_party(self.code_root, names) if m not in self.known]
+        found = third_party(self.code_root, names, submodules=True)
+        new = [m for m in found if m not in self.known]
         if not new:
             return None
         self.known.update(new)

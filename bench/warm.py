@@ -2,11 +2,21 @@
 
 The same ASGI app (examples/asgi_plain) under hourai and under uvicorn (one process, uvloop,
 httptools); the same WSGI app (examples/wsgi_plain) under hourai and under gunicorn (one
-sync worker). One load generator for all, same connections, same duration, back to back in
-one run: `wrk` when it is installed, else the built-in one in bench/loadgen.py (the JSON
-says which). hourai runs with one worker (hourai-1w: one process serving the function, like
-uvicorn and gunicorn here, plus the daemon) and with two (hourai-2w: one per core); every
-request crosses its extra process hop, daemon → worker → daemon.
+sync worker); and, as the floor under all of them, a bare uvloop + httptools server that
+answers by itself (bench/rawserver.py). One load generator for all, same connections, same
+duration, back to back in one run: `wrk` when it is installed, else the built-in one in
+bench/loadgen.py (the JSON says which). hourai runs with one process-mode worker
+(hourai-1w: one process serving the function, like uvicorn and gunicorn here, plus the
+daemon), with two (hourai-2w: one per core), and with one thread-mode worker running up to
+16 invocations at once (hourai-c16); every request crosses its extra process hop,
+daemon → worker → daemon.
+
+Added latency: one connection, one request at a time, to the raw server and to a warm
+hourai worker of examples/hello (process mode), in interleaved rounds so that the machine's
+noise falls on both alike; the difference of the medians is what hourai adds.
+
+Each figure is printed against its goal (issue 14), as a ratio to its baseline in the same
+run; the machine is shared and noisy, so compare runs by these ratios, not by req/s.
 """
 
 from __future__ import annotations
@@ -15,17 +25,27 @@ import json
 import re
 import shutil
 import socket
+import statistics
 import subprocess
 import sys
 import time
 
-from bench.coldstart import REPO, BenchServer
-from bench.common import BenchContext, table
+from bench.coldstart import HELLO, REPO, BenchServer
+from bench.common import BenchContext, percentile, table
+from bench.httpclient import Client
 from bench.loadgen import run_load
 
 ASGI = REPO / "examples" / "asgi_plain" / "app.py"
 WSGI = REPO / "examples" / "wsgi_plain" / "app.py"
 CONNECTIONS = 16
+
+# Issue 14's goals: (label, server/app, baseline, least ratio to it).
+THROUGHPUT_GOALS = [
+    ("ASGI, thread mode (concurrency 16) >= 1.0x uvicorn", "hourai-c16/asgi", "uvicorn/asgi", 1.0),
+    ("ASGI, process mode, 1 worker >= 0.5x uvicorn", "hourai-1w/asgi", "uvicorn/asgi", 0.5),
+    ("WSGI, 1 worker >= 2x gunicorn (1 sync worker)", "hourai-1w/wsgi", "gunicorn/wsgi", 2.0),
+]
+ADDED_LATENCY_GOAL_MS = 0.100  # warm p50 over the raw uvloop + httptools server
 
 
 def _free_port() -> int:
@@ -107,8 +127,14 @@ def run(ctx: BenchContext) -> dict:
     seconds = 1.0 if ctx.quick else 10.0
     generator = "wrk" if shutil.which("wrk") else "builtin"
     servers = [
+        ("raw", "asgi", lambda: _raw()),
         ("hourai-1w", "asgi", lambda: BenchServer(ASGI, "--spares", "0", "--max-workers", "1")),
         ("hourai-2w", "asgi", lambda: BenchServer(ASGI, "--spares", "1", "--max-workers", "2")),
+        (
+            "hourai-c16",
+            "asgi",
+            lambda: BenchServer(ASGI, "--spares", "0", "--max-workers", "1", "--concurrency", "16"),
+        ),
         ("uvicorn", "asgi", lambda: _uvicorn()),
         ("hourai-1w", "wsgi", lambda: BenchServer(WSGI, "--spares", "0", "--max-workers", "1")),
         ("hourai-2w", "wsgi", lambda: BenchServer(WSGI, "--spares", "1", "--max-workers", "2")),
@@ -123,21 +149,103 @@ def run(ctx: BenchContext) -> dict:
         finally:
             server.stop()
     rows = []
+    raw_rps = results["raw/asgi"]["rps"]
     for key, r in results.items():
         kind = key.split("/")[1]
         base = results["uvicorn/asgi" if kind == "asgi" else "gunicorn/wsgi"]["rps"]
         r["ratio_to_baseline"] = r["rps"] / base if base else 0.0
-        rows.append([key, r["rps"], r["p50_ms"], r["p99_ms"], r["ratio_to_baseline"]])
+        r["ratio_to_raw"] = r["rps"] / raw_rps if raw_rps else 0.0
+        rows.append(
+            [key, r["rps"], r["p50_ms"], r["p99_ms"], r["ratio_to_baseline"], r["ratio_to_raw"]]
+        )
     print(f"load generator: {generator}, {CONNECTIONS} connections, {seconds:.0f} s each")
-    print(table(["server/app", "req/s", "p50 ms", "p99 ms", "x baseline (uvicorn/gunicorn)"], rows))
+    print(
+        table(
+            ["server/app", "req/s", "p50 ms", "p99 ms", "x uvicorn/gunicorn", "x raw"],
+            rows,
+        )
+    )
+    latency = added_latency(200 if ctx.quick else 3000)
+    goals = {}
+    for label, key, base, least in THROUGHPUT_GOALS:
+        ratio = results[key]["rps"] / results[base]["rps"] if results[base]["rps"] else 0.0
+        goals[label] = {"measured": ratio, "goal": least, "met": ratio >= least}
+    added = latency["added_p50_ms"]
+    goals["warm added latency p50 <= 100 us over raw uvloop + httptools"] = {
+        "measured": added,
+        "goal": ADDED_LATENCY_GOAL_MS,
+        "met": added <= ADDED_LATENCY_GOAL_MS,
+    }
+    print(
+        f"\nadded latency, one connection, {latency['n']} requests each, interleaved: raw p50 "
+        f"{latency['raw_p50_ms'] * 1000:.0f} µs, hourai warm p50 "
+        f"{latency['warm_p50_ms'] * 1000:.0f} µs: +{added * 1000:.0f} µs"
+    )
+    print()
+    print(
+        table(
+            ["goal", "measured", "met"],
+            [
+                [label, _figure(label, v["measured"]), "met" if v["met"] else "NOT met"]
+                for label, v in goals.items()
+            ],
+        )
+    )
     result = {
         "generator": generator,
         "connections": CONNECTIONS,
         "seconds": seconds,
         "servers": results,
+        "latency": latency,
+        "goals": goals,
     }
     ctx.path("warm.json").write_text(json.dumps(result, indent=2) + "\n")
     return result
+
+
+def added_latency(n: int, rounds: int = 10) -> dict:
+    """Sequential requests on one kept-alive connection, raw server and warm hourai worker
+    in alternating rounds: medians of each and their difference."""
+    raw = _raw()
+    hourai = BenchServer(HELLO, "--spares", "0")
+    try:
+        clients = {"raw": Client(raw.port), "warm": Client(hourai.port)}
+        samples: dict[str, list[float]] = {"raw": [], "warm": []}
+        for client in clients.values():
+            for _ in range(max(50, n // 20)):  # warm-up (the first request forks the worker)
+                client.get("/")
+        per_round = max(1, n // rounds)
+        for _ in range(rounds):
+            for name, client in clients.items():
+                for _ in range(per_round):
+                    status, _headers, _body, ms = client.get("/")
+                    if status != 200:
+                        raise RuntimeError(f"{name}: HTTP {status}")
+                    samples[name].append(ms)
+        for client in clients.values():
+            client.close()
+    finally:
+        hourai.stop()
+        raw.stop()
+    raw_p50 = statistics.median(samples["raw"])
+    warm_p50 = statistics.median(samples["warm"])
+    return {
+        "n": len(samples["warm"]),
+        "raw_p50_ms": raw_p50,
+        "warm_p50_ms": warm_p50,
+        "added_p50_ms": warm_p50 - raw_p50,
+        "raw_p99_ms": percentile(samples["raw"], 99),
+        "warm_p99_ms": percentile(samples["warm"], 99),
+    }
+
+
+def _figure(label: str, measured: float) -> str:
+    return f"{measured * 1000:.0f} µs" if "latency" in label else f"{measured:.2f}x"
+
+
+def _raw() -> External:
+    port = _free_port()
+    return External([sys.executable, "-m", "bench.rawserver", str(port)], port)
 
 
 def _uvicorn() -> External:

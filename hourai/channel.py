@@ -20,6 +20,9 @@ from hourai.protocol import MAX_FRAME, FrameDecoder, Message, ProtocolError, Vio
 
 _RECV_BYTES = 256 * 1024
 _MAX_FDS = 16
+# Frames are coalesced only up to this many bytes a write: the point is many small frames
+# per syscall; a large one goes as it is (joining and re-slicing megabytes is the cost).
+_COALESCE_BYTES = 64 * 1024
 
 # recv(256 KiB) allocates a fresh 256 KiB bytes object per call, which glibc serves with
 # mmap, then shrinks (mremap) and frees (munmap): three syscalls and page faults for every
@@ -120,9 +123,16 @@ class AsyncChannel:
     Each readable event reads at most one chunk and decodes frame by frame, stopping as soon
     as the channel is closed, so a peer that floods pays with its own frames being dropped,
     not with the daemon decoding them.
+
+    Small frames sent in one turn of the loop go out in one write at its end (a frame with
+    fds, or one that would make the write large, goes at once, after those before it):
+    under load a worker's next invocations, or a thread-mode worker's answers, cost one
+    syscall between them, not one each.
     """
 
     __slots__ = (
+        "_batch",
+        "_batch_bytes",
         "_closed",
         "_decoder",
         "_fds",
@@ -155,6 +165,8 @@ class AsyncChannel:
         self._decoder = FrameDecoder(max_frame)
         self._fds: deque[int] = deque()
         self._out: deque[tuple[bytes, list[int]]] = deque()
+        self._batch: list[bytes] = []  # frames of this loop turn, written at its end
+        self._batch_bytes = 0
         self._with_fds = with_fds
         self._closed = False
         self._paused = False
@@ -200,10 +212,33 @@ class AsyncChannel:
         if self._closed:
             return
         data = encode({**msg, "nfds": len(fds)} if fds else msg)
+        if not fds and self._batch_bytes + len(data) <= _COALESCE_BYTES:
+            batch = self._batch
+            batch.append(data)
+            self._batch_bytes += len(data)
+            if len(batch) == 1:
+                self._loop.call_soon(self._flush_batch)
+            return
+        if self._batch:
+            self._flush_batch()  # the frames before it go first
+            if self._closed:
+                return
         if self._out:
             self._out.append((data, [os.dup(fd) for fd in fds]))
             return
         self._write(data, fds, owned=False)
+
+    def _flush_batch(self) -> None:
+        batch = self._batch
+        if not batch or self._closed:
+            return
+        data = batch[0] if len(batch) == 1 else b"".join(batch)
+        batch.clear()
+        self._batch_bytes = 0
+        if self._out:
+            self._out.append((data, []))
+        else:
+            self._write(data, (), owned=False)
 
     def _write(self, data: bytes, fds: Sequence[int], *, owned: bool) -> None:
         try:
@@ -295,6 +330,15 @@ class AsyncChannel:
     def close(self, reason: str = "closed") -> None:
         if self._closed:
             return
+        if self._batch and not self._out:
+            # What was sent this turn still goes, if the socket takes it now (a last
+            # command before a close); like queued output, it is dropped if it does not.
+            try:
+                self.sock.send(b"".join(self._batch))
+            except OSError:
+                pass
+        self._batch.clear()
+        self._batch_bytes = 0
         self._closed = True
         fd = self.sock.fileno()
         self._loop.remove_reader(fd)

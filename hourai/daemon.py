@@ -226,7 +226,10 @@ class Runtime:
     def __init__(self, settings: RuntimeSettings | None = None) -> None:
         self.settings = settings or RuntimeSettings()
         self.loop = asyncio.get_running_loop()
-        self.scheduler = Scheduler(self.loop.time, max_host_workers=self.settings.max_host_workers)
+        # send_ahead: a busy process-mode worker gets its next invocation before it asks.
+        self.scheduler = Scheduler(
+            self.loop.time, max_host_workers=self.settings.max_host_workers, send_ahead=True
+        )
         self.zygote = self._new_zygote()
         # Builds asked for while the root zygote is down: done once it is back.
         self._builds_waiting: list[tuple[str, str]] = []
@@ -930,6 +933,10 @@ class Runtime:
             # removal) kills that worker, and a cancelled request stays in flight until
             # answered: an id not in flight was never asked for.
             raise Violation(f"answer to request {msg['id']}, which it was not running")
+        if self.scheduler.sent_ahead(worker.wid) == pending.rid:
+            # One at a time: what was sent ahead starts only after the answer before it.
+            worker.inflight[pending.rid] = pending  # re-dispatched, not answered 502
+            raise Violation(f"answer to request {pending.rid} before the one it was running")
         spec = pending.spec
         if pending.stream is not None or ("more" in msg and not pending.streamable):
             worker.inflight[pending.rid] = pending  # the violation's 502 (or cut-off) is its end
@@ -1048,7 +1055,7 @@ class Runtime:
             kill_pid(worker.pid)
         log.warning("%s#%d killed: %s", worker.function, worker.pid, why)
         self._verdict(worker.function, f"worker {worker.pid} killed: {why}")
-        for pending in list(worker.inflight.values()):
+        for pending in self._started_on(worker):
             self._answer(
                 pending,
                 error_response(
@@ -1062,6 +1069,12 @@ class Runtime:
             worker.channel.close("killed")
         self._forget_worker(worker)
         self._apply(self.scheduler.worker_died(worker.wid, f"killed: {why}"))
+
+    def _started_on(self, worker: WorkerProc) -> list[Pending]:
+        """What the worker held, less the request sent ahead that it had not started: the
+        scheduler dispatches that one again when told the worker is gone."""
+        ahead = self.scheduler.sent_ahead(worker.wid)
+        return [p for rid, p in worker.inflight.items() if rid != ahead]
 
     def _worker_channel_lost(self, worker: WorkerProc, reason: str) -> None:
         channel = worker.channel
@@ -1086,7 +1099,7 @@ class Runtime:
         verdict = f"worker {worker.pid} killed: {error}"
         log.warning("%s#%d killed: %s", worker.function, worker.pid, error)
         self._verdict(worker.function, verdict)
-        for pending in list(worker.inflight.values()):
+        for pending in self._started_on(worker):
             self._answer(
                 pending, error_response(502, status_text, [("x-hourai-start", pending.start)])
             )

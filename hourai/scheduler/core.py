@@ -408,6 +408,9 @@ class Scheduler:
         self._starved: dict[str, _Function] = {}
         self._starved_spares: dict[str, _Function] = {}
         self._timers: list[tuple[float, int, _TimerOwner]] = []
+        # Entries pushed so far: without a push, next_deadline() can only move later, so a
+        # shell whose timer is armed need not ask again (it asks after every event).
+        self.timer_pushes = 0
         self._seq = itertools.count()
         self._next_wid = 1
 
@@ -1518,6 +1521,7 @@ class Scheduler:
             return
         if owner.armed is None or when < owner.armed:
             owner.armed = when
+            self.timer_pushes += 1
             heapq.heappush(self._timers, (when, next(self._seq), owner))
 
     def _due(self, owner: _TimerOwner) -> float | None:

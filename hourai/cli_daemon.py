@@ -147,7 +147,8 @@ def add_daemon_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore
         dest="asynchronous",
         action="store_true",
         help="queue it (Lambda's InvocationType=Event): the event (--event, --data or -) is "
-        "stored durably and run later; prints its id at once",
+        "stored durably and run later; prints its id at once. With tracing on, its runs link "
+        "to the trace context given as -H traceparent:... or in $TRACEPARENT",
     )
     p.set_defaults(func=cmd_invoke)
 
@@ -550,8 +551,19 @@ def _invoke_async(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise UsageError(f"the event is not JSON: {exc}") from None
 
+    # The caller's trace context: -H traceparent:..., as for a synchronous invoke, else
+    # $TRACEPARENT (OpenTelemetry's environment carrier, set by a traced parent process).
+    traceparent = next(
+        (
+            v.strip()
+            for n, _, v in (h.partition(":") for h in args.header)
+            if n.strip().lower() == "traceparent"
+        ),
+        os.environ.get("TRACEPARENT") or None,
+    )
+
     def call() -> None:
-        doc = _client(args).invoke_async(args.name, event)
+        doc = _client(args).invoke_async(args.name, event, traceparent)
         if args.json:
             _print_json(doc)
         else:
@@ -576,6 +588,9 @@ def cmd_invocations(args: argparse.Namespace) -> int:
                 print(f"  condition: {doc['condition']}")
             if doc.get("error"):
                 print(f"  error: {doc['error']}")
+            tp = doc.get("traceparent")
+            if tp:  # hourai's own publish span: what each attempt's trace links to
+                print(f"  accepted in trace {tp[3:35]} (span {tp[36:52]})")
             if "result" in doc:
                 print(f"  result: {json.dumps(doc['result'])}")
             print(f"  event: {json.dumps(doc.get('event'))}")
@@ -743,6 +758,22 @@ def cmd_stats(args: argparse.Namespace) -> int:
                 rows,
                 ["TENANT", "UID", "FUNCTIONS", "MEMORY", "PEAK", "CPU", "PIDS", "OOM", "LIMITS"],
             )
+        rows = [
+            [
+                z["name"],
+                z["tenant"],
+                z["parent"],
+                ", ".join(z["packages"]),
+                str(z["functions"]),
+                str(z["snapshots"]),
+                _size(z.get("memory_pss")),
+            ]
+            for z in doc.get("zygotes", [])
+        ]
+        if rows:
+            print()
+            header = ["ZYGOTE", "TENANT", "FROM", "PACKAGES", "FUNCTIONS", "SNAPSHOTS", "PSS"]
+            _table(rows, header)
 
     return _run(args, call)
 

@@ -147,10 +147,11 @@ class Client:
             "POST", f"/v1/functions/{quote(name, safe='')}/invoke", request, timeout=LONG_TIMEOUT
         )
 
-    def invoke_async(self, name: str, event: Any) -> dict[str, Any]:
-        return self.call(
-            "POST", f"/v1/functions/{quote(name, safe='')}/invocations", {"event": event}
-        )
+    def invoke_async(self, name: str, event: Any, traceparent: str | None = None) -> dict[str, Any]:
+        body: dict[str, Any] = {"event": event}
+        if traceparent is not None:
+            body["traceparent"] = traceparent
+        return self.call("POST", f"/v1/functions/{quote(name, safe='')}/invocations", body)
 
     def invocations(
         self, name: str, iid: str | None = None, *, limit: int = 50, status: str | None = None

@@ -233,6 +233,8 @@ DEPLOY_KEYS: dict[str, Callable[[Any], Any]] = {
     "on_failure": _function_name,
     "schedule": _schedule,
     "trigger": _trigger,
+    # imported by its snapshot before its code (and by its zygote: hourai.snapshot.tree)
+    "preload": lambda value: _modules(value),  # (defined with the daemon keys below)
 }
 
 
@@ -455,6 +457,7 @@ class Config:
     memory_budget: int | None = None
     max_host_workers: int | None = None
     adaptive: bool = True
+    zygote_tree: bool = True
     drain_timeout: float = 30.0
     deploy_timeout: float = 120.0
     ready_timeout: float = 300.0
@@ -506,6 +509,7 @@ TOP_KEYS: dict[str, tuple[Callable[[Any], Any], str]] = {
     "memory_budget": (_optional(_size), "memory for snapshots and workers"),
     "max_host_workers": (_int(1), "workers over all functions at most"),
     "adaptive": (_bool, "run the adaptive keep-alive / eviction policy"),
+    "zygote_tree": (_bool, "package zygotes for functions that import the same packages"),
     "drain_timeout": (_float(strict=False), "seconds SIGTERM waits for in-flight requests"),
     "deploy_timeout": (_float(), "seconds a snapshot may take to build before a deploy fails"),
     "ready_timeout": (_float(), "seconds start may spend restoring before reporting ready"),
@@ -768,6 +772,7 @@ def restart_only_changes(old: Config, new: Config) -> list[str]:
         "preload",
         "max_host_workers",
         "adaptive",
+        "zygote_tree",
         "tracing",
     ]
     return [k for k in keys if getattr(old, k) != getattr(new, k)]

@@ -11,7 +11,8 @@ PUT      /v1/functions/NAME                  deploy {"path", "cwd", "options"}
 DELETE   /v1/functions/NAME                  remove it
 POST     /v1/functions/NAME/rollback         {"version": null | "..."}
 POST     /v1/functions/NAME/invoke           {"method", "path", "query", "headers", "body"}
-POST     /v1/functions/NAME/invocations      {"event": ...}: queue it (202, its id)
+POST     /v1/functions/NAME/invocations      {"event": ..., "traceparent"?}: queue it (202,
+                                             its id); its runs' traces link to the caller's
 GET      /v1/functions/NAME/invocations      ?limit=N&status=S: recent async invocations
 GET      /v1/functions/NAME/invocations/ID   one: status, attempts, result or error
 POST     /v1/functions/NAME/debug            {"port": P}: a debugger's worker (hourai.debug)

@@ -39,7 +39,7 @@ from hourai.channel import AsyncChannel
 from hourai.codestore import CodeStore
 from hourai.debug import Debugger
 from hourai.ingress import Request, Response, error_response
-from hourai.invocations.runner import InvokeEvent, Outcome
+from hourai.invocations.runner import Delivery, InvokeEvent, Outcome
 from hourai.isolate import sandbox
 from hourai.packages.installer import IndexSettings, Installer
 from hourai.packages.store import PackageStore
@@ -79,6 +79,14 @@ from hourai.snapshot.manager import (
     function_of,
     kill_pid,
 )
+from hourai.snapshot.tree import (
+    MIGRATIONS_PER_TICK,
+    Group,
+    NodeKey,
+    ZygoteNode,
+    ZygoteTree,
+    output_name,
+)
 from hourai.streaming import WorkerStream
 from hourai.tenants import DEFAULT_UID_RANGE, TenantDirectory
 from hourai.tracing import RequestTrace, Tracer, TracingSettings
@@ -96,6 +104,7 @@ WORKER_MEMORY_INTERVAL = 1.0
 REFILL_DELAY = 0.005
 # A dead root zygote is restarted at once, then with doubling delays while it keeps failing.
 ZYGOTE_RESTART_DELAY = 0.2
+TREE_INTERVAL = 1.0  # seconds between the zygote tree's moves and collections
 ZYGOTE_RESTART_MAX_DELAY = 30.0
 DEFAULT_MAX_RESPONSE = FunctionLimits().max_response_size  # a removed function's last answers
 # The mark a worker puts before the lines of an invocation (hourai.isolate.context): its
@@ -170,6 +179,8 @@ class RuntimeSettings:
     packages: IndexSettings = field(default_factory=IndexSettings)
     # OpenTelemetry traces ([tracing] in the config); off unless enabled.
     tracing: TracingSettings = field(default_factory=TracingSettings)
+    # Package zygotes for functions that import the same packages (hourai.snapshot.tree).
+    zygote_tree: bool = True
 
 
 @dataclass(eq=False)
@@ -284,6 +295,14 @@ class Runtime:
         )
         self.tracer = Tracer(self.settings.tracing) if self.settings.tracing.enabled else None
         self.debugger = Debugger(self)
+        # Package zygotes of the functions' packages (hourai.snapshot.tree); what was
+        # learned is kept only where the state dir is.
+        self.tree = ZygoteTree(
+            self.loop,
+            None if self._own_state_dir else self.state_dir / "zygotes.json",
+            self._function_output,
+        )
+        self.tree.enabled = self.settings.zygote_tree
 
     def problems(self) -> list[str]:
         """What keeps the runtime from serving as deployed, right now (for /healthz)."""
@@ -321,6 +340,7 @@ class Runtime:
         self._spawn(
             self._supervise(self._watch_worker_memory, "worker memory watch"), "memory watch"
         )
+        self._spawn(self._supervise(self._tend_tree, "zygote tree"), "zygote tree")
 
     async def stop(self) -> None:
         if self._timer is not None:
@@ -345,6 +365,7 @@ class Runtime:
         for version in self.versions.values():
             if version.handle is not None:
                 version.handle.stopping = True
+        self.tree.stop_all()
         await self.zygote.stop()
         if self.tracer is not None:
             self.tracer.shutdown()
@@ -358,6 +379,32 @@ class Runtime:
         if self._own_state_dir:
             self.tenants.release()
             shutil.rmtree(self.state_dir, ignore_errors=True)
+
+    async def _tend_tree(self) -> None:
+        """Move snapshots onto the zygote the plan gives them, while they cost nobody a
+        request (no workers at all); stop zygotes nobody needs any more."""
+        while True:
+            await asyncio.sleep(TREE_INTERVAL)
+            self.tree.grow(self._launch_zygote, self._zygote_spec)
+            moved = 0
+            for name in list(self.functions):
+                if moved >= MIGRATIONS_PER_TICK:
+                    break
+                if not self.tree.wanted(name):
+                    continue
+                try:
+                    stats = self.scheduler.stats(name)
+                except KeyError:
+                    continue
+                if stats["snapshot"] != "ready" or any(stats["workers"].values()):
+                    continue
+                if stats["queued"] or stats["inflight"]:
+                    continue
+                log.info("%s: rebuilding its snapshot on its zygote", name)
+                self.unload(name, "rebuilt on its zygote")
+                self.prewarm(name)
+                moved += 1
+            self.tree.collect()
 
     async def _watch_worker_memory(self) -> None:
         """Report the RSS of workers whose function caps it, so the scheduler can recycle
@@ -495,6 +542,7 @@ class Runtime:
     def _declare(self, spec: FunctionSpec) -> None:
         """The tenant exists (uid, cgroup with its limits) and the policy knows the function."""
         self.tenants.get(spec.tenant)
+        self.tree.function(spec.name, self._group(spec), spec.preload)
         limits = self.effective_tenant_limits(spec.tenant, deploying=spec)
         self.cgroups.create(spec.tenant, limits)
         self.tenant_limits[spec.tenant] = limits
@@ -554,6 +602,7 @@ class Runtime:
         self.debugger.close(name, "the function was removed")
         self._apply(self.scheduler.remove(name))
         spec = self.functions.pop(name, None)
+        self.tree.forget(name)
         if self.resources is not None:
             self.resources.forget(name)
         if spec is not None and any(s.tenant == spec.tenant for s in self.functions.values()):
@@ -607,10 +656,17 @@ class Runtime:
             fork_failed=self._fork_failed,
             exited=self._worker_exited,
         )
+        snapshot_spec = self._snapshot_spec(spec)
+        parent, snapshot_spec["preload"] = self.tree.parent_for(
+            function, self._launch_zygote, self._zygote_spec
+        )
+        tag = f"{function}/snapshot"
         try:
-            handle = self.zygote.spawn(
-                fid, self._snapshot_spec(spec), events, f"{function}/snapshot"
-            )
+            if parent is None:
+                handle = self.zygote.spawn(fid, snapshot_spec, events, tag)
+            else:
+                handle = SnapshotHandle(fid, events, self.loop.create_future())
+                parent.spawn_handle(handle, snapshot_spec, tag)
         except RuntimeError as exc:
             self._build_failed(version, SnapshotFailed(str(exc)))
             return
@@ -637,6 +693,7 @@ class Runtime:
             info["init_ms"],
         )
         version.build_ns = (version.build_ns[0], time.time_ns())
+        self.tree.learn(spec.name, info.get("modules", ()))
         if version.built is not None and not version.built.done():
             version.built.set_result(info)
         if self.resources is not None:
@@ -654,7 +711,7 @@ class Runtime:
             version.built.exception()  # retrieved: a refused deploy is not an unhandled error
         self.versions.pop((spec.name, spec.version), None)
         if version.handle is not None:
-            self.zygote.forget(version.handle.fid)
+            (version.handle.parent or self.zygote).forget(version.handle.fid)
         self._apply(self.scheduler.snapshot_failed(spec.name, spec.version, str(exc)))
 
     def _snapshot_lost(self, version: Version, reason: str) -> None:
@@ -662,6 +719,40 @@ class Runtime:
         log.error("%s version %s: snapshot process lost (%s)", spec.name, spec.version, reason)
         version.handle = None
         self._apply(self.scheduler.snapshot_lost(spec.name, spec.version, reason))
+
+    def _group(self, spec: FunctionSpec) -> Group:
+        return (spec.tenant, None if spec.packages is None else tuple(spec.packages))
+
+    def _launch_zygote(self, node: ZygoteNode, spec: dict[str, Any]) -> None:
+        self.zygote.launch(node, spec, output_name(node.key[0]))
+
+    def _zygote_spec(self, key: NodeKey) -> dict[str, Any]:
+        """A package zygote's: confined as its tenant's snapshots are (see _snapshot_spec),
+        with none of any one function's environment, code or limits."""
+        tenant_name, packages, _modules = key
+        tenant = self.tenants.get(tenant_name)
+        sandboxed = tenant.uid is not None
+        group = [s for s in self.functions.values() if self._group(s) == key[:2]]
+        return {
+            "role": "zygote",
+            "function": output_name(tenant_name),
+            "env": default_env("", "/tmp" if sandboxed else str(tenant.tmpdir)),
+            "cwd": "" if sandboxed else str(tenant.tmpdir),
+            # every function of the tenant's code lives below this; bound back read-only
+            # where it is under /tmp
+            "keep": [str(self.codestore.root)],
+            "uid": tenant.uid,
+            "gid": tenant.gid,
+            "cgroup_procs": self.cgroups.procs_files(tenant_name),
+            "rlimits": {"core": 0, "nofile": self.settings.worker_nofile},
+            "sandbox": sandboxed,
+            "immortalize": self.settings.immortalize,
+            # the functions forked from it share its /tmp: the largest any of them asked for
+            "tmp_size": max((s.limits.tmp_size for s in group), default=FunctionLimits.tmp_size),
+            "packages": None
+            if packages is None
+            else [str(self.packages.path(name)) for name in packages],
+        }
 
     def _snapshot_spec(self, spec: FunctionSpec) -> dict[str, Any]:
         """What the snapshot needs to confine itself and load the function (see zygote)."""
@@ -727,11 +818,12 @@ class Runtime:
         *,
         event: bytes | None = None,
         traceparent: str | None = None,
-        trace_links: tuple[str, ...] = (),
+        delivery: Delivery | None = None,
         stream: bool = False,
     ) -> Response:
-        """Run one request. ``traceparent`` and ``trace_links`` place its trace when it did
-        not come with one in its headers (hourai.tracing says how). With ``stream``, a
+        """Run one request. ``traceparent`` places its trace when it did not come with one
+        in its headers; ``delivery`` makes it no HTTP request but the delivery of queued
+        events, traced as their consumer (hourai.tracing says how). With ``stream``, a
         response the function streams comes back as soon as its head does, with a
         :class:`WorkerStream` for the rest (which the caller must attach or cancel); without,
         the function's stream is buffered whole. Cancelling the call gives the request up
@@ -744,7 +836,7 @@ class Runtime:
             timeout,
             event=event,
             traceparent=traceparent,
-            trace_links=trace_links,
+            delivery=delivery,
             stream=stream,
         )
 
@@ -758,7 +850,7 @@ class Runtime:
         *,
         event: bytes | None = None,
         traceparent: str | None = None,
-        trace_links: tuple[str, ...] = (),
+        delivery: Delivery | None = None,
         stream: bool = False,
     ) -> asyncio.Future[Response]:
         """:meth:`invoke` without a coroutine: the future of the answer, for the ingress to
@@ -771,18 +863,26 @@ class Runtime:
         pending.timeout = timeout
         pending.event = event
         if self.tracer is not None:
-            pending.trace = self.tracer.request(
-                f"{request.method} {spec.name}",
-                request.headers,
-                {
-                    "faas.name": spec.name,
-                    "faas.version": spec.version,
-                    "http.request.method": request.method,
-                    "url.path": request.path,
-                },
-                traceparent=traceparent,
-                links=trace_links,
-            )
+            if delivery is None:
+                pending.trace = self.tracer.request(
+                    f"{request.method} {spec.name}",
+                    request.headers,
+                    {
+                        "faas.name": spec.name,
+                        "faas.version": spec.version,
+                        "http.request.method": request.method,
+                        "url.path": request.path,
+                    },
+                    traceparent=traceparent,
+                )
+            else:
+                pending.trace = self.tracer.request(
+                    f"process {spec.name}",
+                    (),
+                    {"faas.name": spec.name, "faas.version": spec.version, **delivery.attributes},
+                    links=delivery.links,
+                    kind="consumer",
+                )
         pending.streamable = stream and event is None
         if self.resources is not None:
             now = loop.time()
@@ -851,7 +951,8 @@ class Runtime:
     def _trace_done(self, pending: Pending, response: Response) -> None:
         assert pending.trace is not None
         error_id = None
-        if response.status >= 500:
+        # A direct invocation's function error is a 200 (Lambda's way), with its error id.
+        if response.status >= 500 or pending.event is not None:
             error_id = next((v for k, v in response.headers if k == "x-hourai-error-id"), None)
         pending.trace.done(response.status, pending.start, error_id)
         pending.trace = None
@@ -954,6 +1055,10 @@ class Runtime:
         spec = self.functions.get(worker.function)
         limit = spec.limits.max_response_size if spec is not None else DEFAULT_MAX_RESPONSE
         check_worker_reply(msg, limit)
+        if msg["t"] == "imported":  # lazy imports seen in its first invocations
+            if worker.wid > 0:  # (a debug session's worker imported the debugger)
+                self.tree.learn(worker.function, msg["modules"])
+            return
         if msg["t"] == "chunk":
             self._stream_chunk(worker, msg)
             return
@@ -1305,7 +1410,7 @@ class Runtime:
                 version = self.versions.pop((d.function, d.version), None)
                 if version is not None and version.handle is not None:
                     version.handle.stop()
-                    self.zygote.forget(version.handle.fid)
+                    (version.handle.parent or self.zygote).forget(version.handle.fid)
                 if self.resources is not None and not any(
                     f == d.function for f, _ in self.versions
                 ):
@@ -1382,7 +1487,46 @@ class Router:
 
 # Asynchronous invocation over HTTP: either header, with Lambda's value for it.
 INVOCATION_TYPE_HEADERS = ("x-hourai-invocation-type", "x-amz-invocation-type")
-AcceptEvent = Callable[[str, bytes, str], Awaitable[str]]  # (function, event, source) -> id
+# (function, event, source, traceparent) -> id, once durable
+AcceptEvent = Callable[[str, bytes, str, str | None], Awaitable[str]]
+
+
+async def accept_event(
+    runtime: Runtime,
+    accept: AcceptEvent,
+    name: str,
+    event: bytes,
+    source: str,
+    request: Request | None = None,
+    traceparent: str | None = None,
+) -> str:
+    """Queue an event, traced when tracing is on: the HTTP ``request`` that queued it (if
+    one did) and its ``publish`` span, whose context goes into the queue with the event
+    (see hourai.tracing). The caller's context comes from the request's headers, else
+    ``traceparent``. Raises what ``accept`` raises."""
+    tracer = runtime.tracer
+    if tracer is None:
+        return await accept(name, event, source, None)
+    if request is None:
+        trace = tracer.accepting(name, traceparent=traceparent)
+    else:
+        trace = tracer.accepting(
+            name,
+            request.headers,
+            request=f"{request.method} {name}",
+            attributes={
+                "faas.name": name,
+                "http.request.method": request.method,
+                "url.path": request.path,
+            },
+        )
+    try:
+        iid = await accept(name, event, source, trace.traceparent)
+    except BaseException:
+        trace.done(503, None)
+        raise
+    trace.done(202, iid)
+    return iid
 
 
 def _function_error(payload: bytes) -> str:
@@ -1412,7 +1556,7 @@ def http_handler(
         if accept is not None and any(
             (request.header(h) or "").lower() == "event" for h in INVOCATION_TYPE_HEADERS
         ):
-            return _accept_async(accept, spec.name, request)
+            return _accept_async(runtime, accept, spec.name, request)
         return runtime.submit(spec, request, root_path, path, stream=True)
 
     return handle
@@ -1424,10 +1568,14 @@ def _done(runtime: Runtime, response: Response) -> asyncio.Future[Response]:
     return future
 
 
-async def _accept_async(accept: AcceptEvent, name: str, request: Request) -> Response:
+async def _accept_async(
+    runtime: Runtime, accept: AcceptEvent, name: str, request: Request
+) -> Response:
     """The body is the event (as with Lambda's Invoke API); answered once it is durable."""
     try:
-        iid = await accept(name, bytes(request.body) or b"{}", "http")
+        iid = await accept_event(
+            runtime, accept, name, bytes(request.body) or b"{}", "http", request
+        )
     except Exception as exc:
         log.error("%s: could not queue an async invocation: %s", name, exc)
         return error_response(503, f"the async invocation could not be stored: {exc}")
@@ -1460,7 +1608,9 @@ def event_invoker(runtime: Runtime) -> InvokeEvent:
             kinds[spec.name] = str(built.result().get("kind"))
         return kinds.get(spec.name) or spec.kind
 
-    async def invoke_event(name: str, event: bytes, timeout: float | None) -> Outcome:
+    async def invoke_event(
+        name: str, event: bytes, timeout: float | None, delivery: Delivery | None = None
+    ) -> Outcome:
         spec = runtime.functions.get(name)
         if spec is None:
             return Outcome(404, b"", f"function {name} is not deployed", throttled=True)
@@ -1470,7 +1620,7 @@ def event_invoker(runtime: Runtime) -> InvokeEvent:
         )
         direct = kind_of(spec) == "handler"
         response = await runtime.invoke(
-            spec, request, "", "/", timeout, event=event if direct else None
+            spec, request, "", "/", timeout, event=event if direct else None, delivery=delivery
         )
         body = bytes(response.body)
         ran = any(k == "x-hourai-start" for k, _ in response.headers)

@@ -5,7 +5,8 @@ endpoint_url=...)`` invokes hourai functions.
 headers of the AWS API reference ("Invoke"):
 
 - ``X-Amz-Invocation-Type``: ``RequestResponse`` (default: wait, the payload is the answer),
-  ``Event`` (queue it, 202 at once; needs an async queue, see ``enqueue``), ``DryRun`` (204 if
+  ``Event`` (queue it, 202 at once; needs an async queue, see ``enqueue``; with tracing on,
+  the request's ``traceparent`` is continued and its runs link to it), ``DryRun`` (204 if
   the function exists and may be invoked).
 - A function error answers 200 with ``X-Amz-Function-Error: Unhandled`` and Lambda's error
   payload; a timeout or a dead worker are reported the same way, with the ``errorType`` the
@@ -38,7 +39,8 @@ ACCOUNT = "000000000000"
 # name -> the active spec (None: not deployed), and whether it is known but not serving
 Lookup = Callable[[str], tuple[FunctionSpec | None, bool]]
 InvokeEvent = Callable[[FunctionSpec, bytes], Awaitable[Response]]
-Enqueue = Callable[[FunctionSpec, bytes], Awaitable[str]]  # -> invocation id
+# (spec, event, the Invoke request: its headers hold the caller's trace context) -> id
+Enqueue = Callable[[FunctionSpec, bytes, Request], Awaitable[str]]
 
 
 def arn(name: str) -> str:
@@ -111,7 +113,7 @@ def handler(
                     "InvalidParameterValueException",
                     "asynchronous invocation is not available on this hourai",
                 )
-            invocation_id = await enqueue(spec, event)
+            invocation_id = await enqueue(spec, event, request)
             return Response(
                 202, [("x-amzn-requestid", invocation_id), ("x-amz-executed-version", "$LATEST")]
             )

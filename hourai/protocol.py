@@ -190,8 +190,23 @@ def check_worker_reply(msg: Message, max_body: int) -> None:
             raise Violation("err frame: error_id and error must be strings")
         if len(error_id) + len(error) > MAX_ERROR_TEXT:
             raise Violation(f"err frame: error text over {MAX_ERROR_TEXT} characters")
+    elif t == "imported":
+        if len(msg) != 2 or "modules" not in msg:
+            _fields(msg, ("t", "modules"))
+        _modules(msg, "modules")
     else:
-        raise Violation(f"unexpected {t!r:.40} frame from a worker (it may send res, chunk or err)")
+        raise Violation(
+            f"unexpected {t!r:.40} frame from a worker (it may send res, chunk, err or imported)"
+        )
+
+
+def _modules(msg: Message, key: str) -> None:
+    from hourai.snapshot.learn import check_modules
+
+    try:
+        check_modules(msg[key], key)
+    except ValueError as exc:
+        raise Violation(f"{msg['t']} frame: {exc}") from None
 
 
 # What a function's snapshot may tell the daemon: frame type -> (its fields, fds it carries).
@@ -200,7 +215,7 @@ _SNAPSHOT_FRAMES: dict[str, tuple[tuple[str, ...], int]] = {
     "forked": (("t", "wid", "pid"), 3),  # the worker's channel, output pipe, pidfd
     "exited": (("t", "pid", "code", "signal", "wid"), 0),
     "fork_failed": (("t", "wid", "error"), 0),
-    "ready": (("t", "kind", "attr", "init_ms", "pid"), 0),
+    "ready": (("t", "kind", "attr", "init_ms", "pid", "modules"), 0),
     "failed": (("t", "error", "details"), 0),
 }
 SNAPSHOT_FRAME_MAX = 1024 * 1024
@@ -232,6 +247,46 @@ def check_snapshot_message(msg: Message, nfds: int) -> None:
             raise Violation("ready frame: kind must be handler, asgi or wsgi; attr a string")
         if type(msg["init_ms"]) not in (int, float) or len(msg["attr"]) > 1000:
             raise Violation("ready frame: init_ms must be a number, attr at most 1000 chars")
+        _modules(msg, "modules")
+    for key, bound in (("error", MAX_ERROR_TEXT), ("details", MAX_SNAPSHOT_DETAILS)):
+        if key in msg and (type(msg[key]) is not str or len(msg[key]) > bound):
+            raise Violation(f"{t} frame: {key} must be a string of at most {bound} characters")
+
+
+# What a package zygote (hourai.snapshot.tree) may tell the daemon; it runs the tenant's
+# packages' module-level code.
+_ZYGOTE_FRAMES: dict[str, tuple[tuple[str, ...], int]] = {
+    "zygote_ready": (("t", "pid", "loaded", "failed", "init_ms"), 0),
+    "spawned": (("t", "fid", "pid"), 1),  # a pidfd of the child
+    "exited": (("t", "pid", "code", "signal", "fid"), 0),
+    "failed": (("t", "error", "details"), 0),
+}
+
+
+def check_zygote_message(msg: Message, nfds: int) -> None:
+    """Raise :class:`Violation` unless ``msg`` is a frame a package zygote may send."""
+    t = msg["t"]
+    expected = _ZYGOTE_FRAMES.get(t) if type(t) is str else None
+    if expected is None:
+        raise Violation(f"unexpected {t!r:.40} frame from a zygote")
+    fields, fds = expected
+    given = len(msg) - ("nfds" in msg)
+    if given != len(fields) or any(k not in msg for k in fields):
+        _fields({k: v for k, v in msg.items() if k != "nfds"}, fields)
+    if nfds != fds:
+        raise Violation(f"{t} frame: carries {nfds} fds, not {fds}")
+    if "pid" in msg and (type(msg["pid"]) is not int or msg["pid"] < 0):
+        raise Violation(f"{t} frame: pid must be a non-negative integer")
+    if "fid" in msg and (type(msg["fid"]) is not str or len(msg["fid"]) > 300):
+        raise Violation(f"{t} frame: fid must be a string")
+    for key in ("code", "signal"):
+        if key in msg and msg[key] is not None and type(msg[key]) is not int:
+            raise Violation(f"{t} frame: {key} must be an integer or nil")
+    if t == "zygote_ready":
+        _modules(msg, "loaded")
+        _modules(msg, "failed")
+        if type(msg["init_ms"]) not in (int, float):
+            raise Violation("zygote_ready frame: init_ms must be a number")
     for key, bound in (("error", MAX_ERROR_TEXT), ("details", MAX_SNAPSHOT_DETAILS)):
         if key in msg and (type(msg[key]) is not str or len(msg[key]) > bound):
             raise Violation(f"{t} frame: {key} must be a string of at most {bound} characters")

@@ -45,6 +45,9 @@ class FunctionSpec:
     # The package store's directories of the distributions the function declared (see
     # hourai.packages); None: it declared none and imports from the daemon's environment.
     packages: tuple[str, ...] | None = None
+    # Modules its snapshot imports before its code (``preload`` in its hourai.toml): the
+    # imports its handler would do lazily, done once for every worker.
+    preload: tuple[str, ...] = ()
 
 
 def build_spec(
@@ -58,6 +61,7 @@ def build_spec(
     limits: FunctionLimits | None = None,
     resources: TenantLimits | None = None,
     packages: list[str] | None = None,
+    preload: tuple[str, ...] = (),
 ) -> FunctionSpec:
     """Freeze the function's code into the store and name the version.
 
@@ -74,6 +78,8 @@ def build_spec(
     fields: list[object] = [digest, target.module, target.attr, kind, sorted(env.items()), tenant]
     if packages is not None:
         fields.append(packages)
+    if preload:
+        fields.append(["preload", *preload])
     identity = json.dumps(fields, separators=(",", ":"))
     version = hashlib.sha256(identity.encode()).hexdigest()[:12]
     return FunctionSpec(
@@ -87,6 +93,7 @@ def build_spec(
         resources=resources,
         source_root=target.root,
         packages=tuple(packages) if packages is not None else None,
+        preload=tuple(preload),
     )
 
 

@@ -50,6 +50,7 @@ from hourai.daemon import (
     Router,
     Runtime,
     RuntimeSettings,
+    accept_event,
     event_invoker,
     http_handler,
 )
@@ -67,6 +68,7 @@ from hourai.registry import FunctionSpec, build_spec, check_name
 from hourai.scheduler.policy import PolicyParams
 from hourai.sdnotify import Notifier
 from hourai.state import FunctionRecord, StateError, StateStore, VersionRecord
+from hourai.tracing import parse_traceparent
 
 log = logging.getLogger("hourai")
 
@@ -178,6 +180,7 @@ class Daemon:
                     else None,
                     packages=_index_settings(config),
                     tracing=config.tracing,
+                    zygote_tree=config.zygote_tree,
                 )
             )
         except (RuntimeError, CgroupError, OSError) as exc:
@@ -506,6 +509,7 @@ class Daemon:
             resources=limits.tenant,
             source_root=entry.source_root,
             packages=tuple(entry.packages) if entry.packages is not None else None,
+            preload=tuple(entry.options.get("preload", ())),
         )
 
     def _check_packages(self, spec: FunctionSpec) -> None:
@@ -647,6 +651,7 @@ class Daemon:
                     env=options.get("env", {}),
                     limits=limits,
                     packages=packages,
+                    preload=tuple(options.get("preload", ())),
                 )
                 code = Path(spec.target.root).name
                 self._pinned[code] += 1
@@ -898,9 +903,11 @@ class Daemon:
             out["body_base64"] = base64.b64encode(bytes(response.body)).decode()
         return out
 
-    async def _enqueue_lambda(self, spec: FunctionSpec, event: bytes) -> str:
+    async def _enqueue_lambda(self, spec: FunctionSpec, event: bytes, request: Request) -> str:
         """The Invoke API's InvocationType=Event: into the durable queue."""
-        return await self.invocations.accept(spec.name, event, "lambda-api")
+        return await accept_event(
+            self.runtime, self.invocations.accept, spec.name, event, "lambda-api", request
+        )
 
     def _serve_events(self, name: str) -> None:
         """The function serves: its async settings, schedule and trigger follow its active
@@ -926,8 +933,13 @@ class Daemon:
         if "event" not in body:
             raise ApiError(400, 'give the event as {"event": ...} (any JSON value)')
         event = json.dumps(body["event"], separators=(",", ":")).encode()
+        traceparent = body.get("traceparent")
+        if traceparent is not None and parse_traceparent(traceparent) is None:
+            raise ApiError(400, f"traceparent is not a W3C traceparent: {traceparent!r}")
         try:
-            iid = await self.invocations.accept(name, event, "api")
+            iid = await accept_event(
+                self.runtime, self.invocations.accept, name, event, "api", None, traceparent
+            )
         except QueueError as exc:
             raise ApiError(507, str(exc)) from None
         return {"id": iid, "function": name, "status": "queued"}
@@ -1108,7 +1120,13 @@ class Daemon:
             if version.handle is not None and version.handle.pid:
                 procs.append(version.handle.pid)
             procs.extend(version.workers_by_pid)
+        zygotes = runtime.tree.stats()
+        for z in zygotes:
+            if z["pid"]:
+                pids[f"zygote {z['name']}"] = [z["pid"]]
         memory = await asyncio.to_thread(_pss_by_function, pids)
+        for z in zygotes:
+            z["memory_pss"] = memory.get(f"zygote {z['name']}", {}).get("pss")
         for name in runtime.scheduler.functions():
             st = runtime.scheduler.stats(name)
             functions[name] = {
@@ -1154,7 +1172,7 @@ class Daemon:
         if runtime.resources is not None:
             budget = runtime.resources.policy.budget()
             host["memory_budget"] = None if budget == float("inf") else int(budget)
-        return {"host": host, "functions": functions, "tenants": tenants}
+        return {"host": host, "functions": functions, "tenants": tenants, "zygotes": zygotes}
 
     # ------------------------------------------------------------------ reload
 

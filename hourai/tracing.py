@@ -21,11 +21,21 @@ collector fills the processor's queue, never the loop. What the queue cannot hol
 what an export fails to deliver, is counted in :attr:`Tracer.dropped`
 (``hourai_trace_spans_dropped_total``).
 
-Linking (for asynchronous invocations, schedules and triggers, hourai/invocations): pass
-the traceparent of whatever caused the invocation (the enqueueing request, a trigger's
-message) as ``Runtime.invoke(..., trace_links=[traceparent])``; it becomes a span link on
-the invocation's root span, so the later trace points back to the one that enqueued it.
-``Runtime.invoke(..., traceparent=...)`` instead makes the invocation a child of it.
+Asynchronous invocations, schedules and triggers (hourai/invocations) follow OpenTelemetry's
+messaging conventions, producer and consumer::
+
+    POST <function>          SERVER: the request that queued an event (202), as above;
+     └─ publish <function>   PRODUCER: its durable commit. This span's context is stored
+                             with the event: the event's "creation context"
+    ...later, per attempt, a trace of its own:
+    process <function>       CONSUMER root (:meth:`Tracer.request` with ``kind="consumer"``),
+     ├─ hourai.queue ...     with a span link to each creation context it delivers: the
+     └─ hourai.invoke        stored one; for a trigger's batch, each message's traceparent
+
+(:class:`AcceptTrace` makes the first two; ``hourai invoke --async`` has no HTTP request, so
+its ``publish`` span is the root, or a child of the traceparent the caller gave.) A link and
+not a parent: see hourai.invocations.runner. ``Runtime.invoke(..., traceparent=...)``
+instead makes an invocation a child of the given context.
 """
 
 from __future__ import annotations
@@ -94,6 +104,7 @@ class RequestTrace:
 
     __slots__ = (
         "attributes",
+        "kind",
         "links",
         "name",
         "parent",
@@ -115,8 +126,10 @@ class RequestTrace:
         sampled: bool,
         attributes: dict[str, Any],
         links: Any,
+        kind: str = "server",
     ) -> None:
         self.tracer = tracer
+        self.kind = kind  # of the root span: server (an HTTP request) or consumer
         self.name = name
         self.trace_id = trace_id
         self.parent = parent  # the caller's SpanContext, or None
@@ -201,6 +214,8 @@ class RequestTrace:
         return self.traceparent
 
     def done(self, status: int, start: str, error_id: str | None = None) -> None:
+        """The answer: ``status``, and ``error_id`` if the function failed (a 500, or a
+        direct invocation's function error, which Lambda answers with a 200)."""
         if not self.sampled:
             return
         now = _ns()
@@ -220,9 +235,9 @@ class RequestTrace:
             self.submitted,
             now,
             attributes,
-            status >= 500,
+            status >= 500 or error_id is not None,
             self.links,
-            server=True,
+            kind=self.kind,
         )
         for name, span_id, parent_id, begin, end, attrs in spans:
             failed = False
@@ -233,6 +248,95 @@ class RequestTrace:
                     failed = True
             parent = tracer.context(trace_id, parent_id)
             tracer.emit(name, trace_id, span_id, parent, begin, end, attrs, failed)
+
+
+class AcceptTrace:
+    """The spans of one event being queued; made by :meth:`Tracer.accepting`, ended by
+    :meth:`done` once the event is durable (or refused)."""
+
+    __slots__ = (
+        "attributes",
+        "function",
+        "parent",
+        "producer_id",
+        "request",
+        "sampled",
+        "server_id",
+        "started",
+        "trace_id",
+        "tracer",
+    )
+
+    def __init__(
+        self,
+        tracer: Tracer,
+        function: str,
+        trace_id: int,
+        parent: Any,
+        sampled: bool,
+        request: str | None,
+        attributes: dict[str, Any] | None,
+    ) -> None:
+        self.tracer = tracer
+        self.function = function
+        self.trace_id = trace_id
+        self.parent = parent
+        self.sampled = sampled
+        self.request = request
+        self.attributes = attributes
+        self.server_id = _new_id() if request is not None else 0
+        self.producer_id = _new_id()
+        self.started = _ns()
+
+    @property
+    def traceparent(self) -> str:
+        """The event's creation context: the ``publish`` span."""
+        return format_traceparent(self.trace_id, self.producer_id, 1 if self.sampled else 0)
+
+    def done(self, status: int, invocation_id: str | None) -> None:
+        """Queued as ``invocation_id`` and answered ``status`` (None and an error status:
+        it could not be stored)."""
+        if not self.sampled:
+            return
+        now = _ns()
+        tracer = self.tracer
+        failed = invocation_id is None
+        parent = self.parent
+        if self.request is not None:
+            attributes = dict(self.attributes or {})
+            attributes["http.response.status_code"] = status
+            tracer.emit(
+                self.request,
+                self.trace_id,
+                self.server_id,
+                parent,
+                self.started,
+                now,
+                attributes,
+                status >= 500,
+                kind="server",
+            )
+            parent = tracer.context(self.trace_id, self.server_id)
+        publish: dict[str, Any] = {
+            "messaging.system": "hourai",
+            "messaging.operation.type": "publish",
+            "messaging.operation.name": "publish",
+            "messaging.destination.name": self.function,
+            "faas.name": self.function,
+        }
+        if invocation_id is not None:
+            publish["messaging.message.id"] = invocation_id
+        tracer.emit(
+            f"publish {self.function}",
+            self.trace_id,
+            self.producer_id,
+            parent,
+            self.started,
+            now,
+            publish,
+            failed,
+            kind="producer",
+        )
 
 
 class Tracer:
@@ -264,8 +368,12 @@ class Tracer:
         self._trace_state = TraceState
         self._sampled = TraceFlags(TraceFlags.SAMPLED)
         self._unsampled = TraceFlags(TraceFlags.DEFAULT)
-        self._server = SpanKind.SERVER
-        self._internal = SpanKind.INTERNAL
+        self._kinds = {
+            "server": SpanKind.SERVER,
+            "internal": SpanKind.INTERNAL,
+            "producer": SpanKind.PRODUCER,
+            "consumer": SpanKind.CONSUMER,
+        }
         self._error = Status(StatusCode.ERROR)
         self._unset = Status(StatusCode.UNSET)
         self._resource = Resource.create({"service.name": settings.service_name})
@@ -306,9 +414,43 @@ class Tracer:
         *,
         traceparent: str | None = None,
         links: Sequence[str] = (),
+        kind: str = "server",
     ) -> RequestTrace:
         """The trace of one request, started now: continuing the caller's traceparent (its
-        sampled flag decides), else a new trace, kept at ``sample_ratio``."""
+        sampled flag decides), else a new trace, kept at ``sample_ratio`` — or kept, when
+        one of the ``links`` (creation contexts, for a CONSUMER root) was sampled: who
+        traced the enqueueing request wants to see what it caused."""
+        parent = self._parent(headers, traceparent)
+        trace_id, sampled = self._decide(parent)
+        span_links = None
+        if links:
+            linked = [c for c in map(self._remote, links) if c is not None]
+            if parent is None and not sampled:
+                sampled = any(c.trace_flags & 1 for c in linked)
+            if sampled:
+                span_links = [self._link(c) for c in linked]
+        return RequestTrace(self, name, trace_id, parent, sampled, attributes, span_links, kind)
+
+    def accepting(
+        self,
+        function: str,
+        headers: Sequence[tuple[str, str]] = (),
+        *,
+        request: str | None = None,
+        attributes: dict[str, Any] | None = None,
+        traceparent: str | None = None,
+    ) -> AcceptTrace:
+        """The trace of an event being queued for ``function``, started now: with
+        ``request`` (the name of the HTTP request that queued it) a SERVER span of that
+        name with ``attributes``, and under it (or, without, as the root or a child of
+        the caller's context) the PRODUCER span ``publish <function>``, whose context
+        :attr:`AcceptTrace.traceparent` is stored with the event."""
+        parent = self._parent(headers, traceparent)
+        trace_id, sampled = self._decide(parent)
+        return AcceptTrace(self, function, trace_id, parent, sampled, request, attributes)
+
+    def _parent(self, headers: Sequence[tuple[str, str]], traceparent: str | None) -> Any:
+        """The caller's SpanContext: ``traceparent`` if given, else the headers' (or None)."""
         tracestate = None
         if traceparent is None:
             for key, value in headers:
@@ -316,17 +458,14 @@ class Tracer:
                     traceparent = value
                 elif key == "tracestate":
                     tracestate = value
-        parent = self._remote(traceparent, tracestate) if traceparent else None
+        return self._remote(traceparent, tracestate) if traceparent else None
+
+    def _decide(self, parent: Any) -> tuple[int, bool]:
+        """(trace id, sampled): the parent's, else a new trace kept at ``sample_ratio``."""
         if parent is not None:
-            trace_id = parent.trace_id
-            sampled = bool(parent.trace_flags & 1)
-        else:
-            trace_id = random.getrandbits(128) or 1
-            sampled = (trace_id & _ID64) < self._bound
-        span_links = None
-        if links and sampled:
-            span_links = [self._link(c) for c in map(self._remote, links) if c is not None]
-        return RequestTrace(self, name, trace_id, parent, sampled, attributes, span_links)
+            return parent.trace_id, bool(parent.trace_flags & 1)
+        trace_id = random.getrandbits(128) or 1
+        return trace_id, (trace_id & _ID64) < self._bound
 
     def context(self, trace_id: int, span_id: int) -> Any:
         return self._span_context(trace_id, span_id, False, self._sampled)
@@ -343,16 +482,17 @@ class Tracer:
         failed: bool,
         links: Any = None,
         *,
-        server: bool = False,
+        kind: str = "internal",
     ) -> None:
-        """One finished span to the exporter (``parent``: a SpanContext, or None)."""
+        """One finished span to the exporter (``parent``: a SpanContext, or None; ``kind``:
+        server, internal, producer or consumer)."""
         span = self._readable(
             name,
             self._span_context(trace_id, span_id, False, self._sampled),
             parent=parent,
             resource=self._resource,
             attributes=attributes,
-            kind=self._server if server else self._internal,
+            kind=self._kinds[kind],
             links=links or (),
             status=self._error if failed else self._unset,
             start_time=start,

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from typing import Any
 
 from hourai.invocations.queue import QUEUED, SUCCEEDED, Accept, InvocationQueue
 from hourai.invocations.runner import AsyncConfig, AsyncStore, Outcome, Runner
@@ -22,7 +23,7 @@ async def _until(pred, timeout: float = 10.0) -> None:  # type: ignore[no-untype
 def test_throttled_is_retried_without_counting(tmp_path: Path) -> None:
     calls = 0
 
-    async def invoke(name: str, event: bytes, timeout: float | None) -> Outcome:
+    async def invoke(name: str, event: bytes, timeout: float | None, *_: Any) -> Outcome:
         nonlocal calls
         calls += 1
         if calls <= 2:
@@ -50,7 +51,7 @@ def test_stop_hands_back_what_runs_and_the_cap_holds(tmp_path: Path) -> None:
     running = 0
     peak = 0
 
-    async def invoke(name: str, event: bytes, timeout: float | None) -> Outcome:
+    async def invoke(name: str, event: bytes, timeout: float | None, *_: Any) -> Outcome:
         nonlocal running, peak
         running += 1
         peak = max(peak, running)

@@ -207,3 +207,89 @@ def test_accept_many_is_one_transaction(tmp_path: Path, n: int) -> None:
     q = InvocationQueue(tmp_path / "q.db")
     ids = q.accept_many([Accept("f", b"{}")] * n, 0.0)
     assert len(set(ids)) == n and q.depth()["f"][QUEUED] == n
+
+
+def test_the_trace_context_is_kept_with_the_event(tmp_path: Path) -> None:
+    q = InvocationQueue(tmp_path / "q.db")
+    tp = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    iid = q.accept("f", b"{}", 0.0, traceparent=tp)
+    q.accept_many([Accept("f", b"{}", traceparent=None)], 1.0)
+    (inv, plain) = q.claim("f", 1.0, 2)
+    assert (inv.id, inv.traceparent) == (iid, tp) and plain.traceparent is None
+    assert q.fail(iid, 1, 1.0, "boom", retry_delay=0) == QUEUED
+    (again,) = q.claim("f", 1.0, 1)  # a retry delivers the same context
+    assert again.traceparent == tp and again.describe()["traceparent"] == tp
+    assert "traceparent" not in plain.describe()
+
+
+# The schema as hourai wrote it before the store kept trace contexts (a copy, on purpose:
+# a store made then must open now).
+FIRST_SCHEMA = """
+CREATE TABLE IF NOT EXISTS invocations (
+    id TEXT PRIMARY KEY,
+    function TEXT NOT NULL,
+    event BLOB NOT NULL,
+    source TEXT NOT NULL,
+    status TEXT NOT NULL,
+    attempt INTEGER NOT NULL DEFAULT 0,
+    max_attempts INTEGER NOT NULL,
+    interrupted INTEGER NOT NULL DEFAULT 0,
+    accepted_at REAL NOT NULL,
+    expires_at REAL NOT NULL,
+    not_before REAL NOT NULL,
+    started_at REAL,
+    finished_at REAL,
+    status_code INTEGER,
+    result BLOB,
+    error TEXT,
+    condition TEXT
+);
+CREATE INDEX IF NOT EXISTS due ON invocations (status, function, not_before);
+CREATE INDEX IF NOT EXISTS by_function ON invocations (function, accepted_at);
+CREATE TABLE IF NOT EXISTS schedules (
+    function TEXT PRIMARY KEY,
+    expression TEXT NOT NULL,
+    last_tick REAL NOT NULL,
+    missed INTEGER NOT NULL DEFAULT 0,
+    missed_note TEXT
+);
+"""
+
+
+def test_a_store_made_before_trace_contexts_opens_with_its_events(tmp_path: Path) -> None:
+    path = tmp_path / "invocations.db"
+    old = sqlite3.connect(path, isolation_level=None)
+    old.execute("PRAGMA journal_mode=WAL")
+    old.executescript(FIRST_SCHEMA)
+    insert = (
+        "INSERT INTO invocations (id, function, event, source, status, attempt, max_attempts,"
+        " accepted_at, expires_at, not_before) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    )
+    old.execute(insert, ("a" * 32, "f", b'{"n": 1}', "http", QUEUED, 0, 3, 0.0, 100.0, 0.0))
+    old.execute(insert, ("b" * 32, "f", b'{"n": 2}', "api", RUNNING, 1, 3, 0.0, 100.0, 0.0))
+    old.execute(
+        "INSERT INTO schedules (function, expression, last_tick) VALUES ('f', 'rate(1 hour)', 5)"
+    )
+    # no close: the rows are in the WAL, as a daemon killed mid-flight leaves them
+
+    q = InvocationQueue(path)
+    columns = [row[1] for row in q.db.execute("PRAGMA table_info(invocations)")]
+    assert columns[-1] == "traceparent"
+    assert q.recover(1.0) == 1  # the running one is queued again, as before
+    (first, second) = q.claim("f", 1.0, 10)
+    assert {first.id, second.id} == {"a" * 32, "b" * 32}
+    assert first.traceparent is None and second.traceparent is None
+    assert q.succeed(first.id, first.attempt, 2.0, 200, b"{}")
+    tp = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    new = q.accept("f", b"{}", 2.0, traceparent=tp)
+    assert q.get(new).traceparent == tp  # type: ignore[union-attr]
+    assert q.schedule_state("f") == ("rate(1 hour)", 5.0, 0, None)
+    q.close()
+    old.close()
+
+    # opened again, nothing more to add, and everything still there
+    again = InvocationQueue(path)
+    assert [row[1] for row in again.db.execute("PRAGMA table_info(invocations)")] == columns
+    assert again.get("a" * 32).status == SUCCEEDED  # type: ignore[union-attr]
+    assert again.get(new).traceparent == tp  # type: ignore[union-attr]
+    again.close()

@@ -23,6 +23,7 @@ from hourai.protocol import (
     Violation,
     check_snapshot_message,
     check_worker_reply,
+    check_zygote_message,
     encode,
     response_frame_limit,
 )
@@ -239,6 +240,53 @@ def test_too_many_headers_and_too_long_errors_are_refused() -> None:
         )
 
 
+def test_a_worker_may_say_what_it_imported_and_nothing_else_that_way() -> None:
+    check_worker_reply({"t": "imported", "modules": ["pandas", "numpy"]}, LIMIT)
+    for bad, says in (
+        ({"t": "imported", "modules": ["../x"]}, "not a module name"),
+        ({"t": "imported", "modules": ["x" * 300]}, "not a module name"),
+        ({"t": "imported", "modules": ["m"] * 300}, "at most"),
+        ({"t": "imported", "modules": {"a": 1}}, "must be a list"),
+        ({"t": "imported", "modules": [1]}, "not a module name"),
+        ({"t": "imported", "modules": [], "id": 1}, "unknown 'id'"),
+    ):
+        with pytest.raises(Violation, match=re.escape(says)):
+            check_worker_reply(bad, LIMIT)
+
+
+_ZYGOTE_OK = [
+    ({"t": "zygote_ready", "pid": 1, "loaded": ["flask"], "failed": [], "init_ms": 3.5}, 0),
+    ({"t": "spawned", "fid": "f@v#1", "pid": 7, "nfds": 1}, 1),
+    ({"t": "exited", "pid": 7, "code": 0, "signal": None, "fid": "f@v#1"}, 0),
+    ({"t": "failed", "error": "cannot confine", "details": ""}, 0),
+]
+
+
+@pytest.mark.parametrize(("msg", "nfds"), _ZYGOTE_OK)
+def test_what_a_package_zygote_sends_passes(msg, nfds) -> None:  # type: ignore[no-untyped-def]
+    check_zygote_message(msg, nfds)
+
+
+@pytest.mark.parametrize(
+    ("msg", "nfds", "says"),
+    [
+        ({"t": "forked", "wid": 1, "pid": 1}, 3, "unexpected 'forked' frame"),
+        ({"t": "spawned", "fid": "f", "pid": 7}, 0, "carries 0 fds, not 1"),
+        ({"t": "spawned", "fid": 3, "pid": 7}, 1, "fid must be"),
+        ({"t": "spawned", "fid": "f", "pid": -1}, 1, "pid must be"),
+        (
+            {"t": "zygote_ready", "pid": 1, "loaded": [None], "failed": [], "init_ms": 1},
+            0,
+            "not a module name",
+        ),
+        ({"t": "zygote_ready", "pid": 1, "loaded": [], "failed": []}, 0, "missing init_ms"),
+    ],
+)
+def test_what_a_package_zygote_must_not_send_is_a_violation(msg, nfds, says) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(Violation, match=re.escape(says)):
+        check_zygote_message(msg, nfds)
+
+
 def test_other_message_types_from_a_worker_are_violations() -> None:
     for t in ("inv", "fork", "ready", "", "res "):
         with pytest.raises(Violation, match="unexpected"):
@@ -306,7 +354,11 @@ _SNAPSHOT_OK = [
     ({"t": "forked", "wid": 3, "pid": 2, "nfds": 3}, 3),
     ({"t": "exited", "pid": 2, "code": None, "signal": 9, "wid": 3}, 0),
     ({"t": "fork_failed", "wid": 3, "error": "fork: Resource temporarily unavailable"}, 0),
-    ({"t": "ready", "kind": "wsgi", "attr": "app", "init_ms": 12.5, "pid": 1}, 0),
+    ({"t": "ready", "kind": "wsgi", "attr": "app", "init_ms": 12.5, "pid": 1, "modules": []}, 0),
+    (
+        {"t": "ready", "kind": "asgi", "attr": "a", "init_ms": 1, "pid": 1, "modules": ["numpy"]},
+        0,
+    ),
     ({"t": "failed", "error": "SyntaxError", "details": "Traceback ..."}, 0),
 ]
 
@@ -323,8 +375,26 @@ def test_what_a_snapshot_sends_passes(msg, nfds) -> None:  # type: ignore[no-unt
         ({"t": "forked", "wid": 3, "pid": 2}, 0, "carries 0 fds, not 3"),
         ({"t": "forked", "wid": "3", "pid": 2, "nfds": 3}, 3, "wid must be"),
         ({"t": "exited", "pid": 2, "code": "x", "signal": None, "wid": 1}, 0, "code must be"),
-        ({"t": "ready", "kind": "evil", "attr": "a", "init_ms": 1, "pid": 1}, 0, "kind must"),
-        ({"t": "ready", "kind": "wsgi", "attr": "a", "init_ms": 1}, 0, "missing pid"),
+        (
+            {"t": "ready", "kind": "evil", "attr": "a", "init_ms": 1, "pid": 1, "modules": []},
+            0,
+            "kind must",
+        ),
+        (
+            {"t": "ready", "kind": "wsgi", "attr": "a", "init_ms": 1, "modules": []},
+            0,
+            "missing pid",
+        ),
+        (
+            {"t": "ready", "kind": "wsgi", "attr": "a", "init_ms": 1, "pid": 1, "modules": "os"},
+            0,
+            "modules must be a list",
+        ),
+        (
+            {"t": "ready", "kind": "wsgi", "attr": "a", "init_ms": 1, "pid": 1, "modules": ["a b"]},
+            0,
+            "is not a module name",
+        ),
         (
             {"t": "failed", "error": "e", "details": "x" * (MAX_SNAPSHOT_DETAILS + 1)},
             0,

@@ -58,7 +58,7 @@ def test_batches_partial_failure_redelivery_dead_letter(redis_url: str) -> None:
         r.xadd("orders", {"body": json.dumps({"n": i, "poison": i == 7})})
     batches: list[list[dict[str, Any]]] = []
 
-    async def invoke(name: str, event: bytes, timeout: float | None) -> Outcome:
+    async def invoke(name: str, event: bytes, timeout: float | None, *_: Any) -> Outcome:
         records = json.loads(event)["Records"]
         batches.append(records)
         failed = [
@@ -98,7 +98,7 @@ def test_a_failed_invocation_acks_nothing_and_comes_back(redis_url: str) -> None
     r.xadd("orders", {"a": "1", "b": "2"})
     calls: list[dict[str, Any]] = []
 
-    async def invoke(name: str, event: bytes, timeout: float | None) -> Outcome:
+    async def invoke(name: str, event: bytes, timeout: float | None, *_: Any) -> Outcome:
         calls.append(json.loads(event))
         if len(calls) == 1:
             return Outcome(502, b"", "worker died")
@@ -125,7 +125,7 @@ def test_back_pressure_no_more_in_flight_than_allowed(redis_url: str) -> None:  
     peak = 0
     done = 0
 
-    async def invoke(name: str, event: bytes, timeout: float | None) -> Outcome:
+    async def invoke(name: str, event: bytes, timeout: float | None, *_: Any) -> Outcome:
         nonlocal running, peak, done
         running += 1
         peak = max(peak, running)
@@ -156,7 +156,7 @@ def test_batch_window_gathers_what_arrives(redis_url: str) -> None:  # noqa: F81
     r = redis.Redis.from_url(redis_url, decode_responses=True)
     sizes: list[int] = []
 
-    async def invoke(name: str, event: bytes, timeout: float | None) -> Outcome:
+    async def invoke(name: str, event: bytes, timeout: float | None, *_: Any) -> Outcome:
         sizes.append(len(json.loads(event)["Records"]))
         return Outcome(200, b"{}")
 

@@ -10,111 +10,24 @@ import re
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import psutil
 import pytest
 from conftest import wait_until
+from otlp_receiver import Receiver, children, one
 
 from hourai.tracing import format_traceparent, parse_traceparent
-
-pytest.importorskip("opentelemetry.proto.collector.trace.v1.trace_service_pb2")
-from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
 
 CALLER_TRACE = 0x0AF7651916CD43DD8448EB211C80319C
 CALLER_SPAN = 0xB7AD6B7169203331
 
 
-@dataclass
-class Span:
-    service: str
-    trace_id: str
-    span_id: str
-    parent: str
-    name: str
-    attributes: dict[str, Any]
-    links: list[str] = field(default_factory=list)
-
-
-class Receiver:
-    """An OTLP/HTTP trace receiver: POST /v1/traces with an ExportTraceServiceRequest."""
-
-    def __init__(self) -> None:
-        self.spans: list[Span] = []
-        self.lock = threading.Lock()
-        receiver = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                body = self.rfile.read(int(self.headers.get("content-length", "0")))
-                if self.path != "/v1/traces":
-                    self.send_response(404)
-                    self.end_headers()
-                    return
-                request = trace_service_pb2.ExportTraceServiceRequest()
-                request.ParseFromString(body)
-                receiver.add(request)
-                out = trace_service_pb2.ExportTraceServiceResponse().SerializeToString()
-                self.send_response(200)
-                self.send_header("content-type", "application/x-protobuf")
-                self.send_header("content-length", str(len(out)))
-                self.end_headers()
-                self.wfile.write(out)
-
-            def log_message(self, *_args: Any) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.port = self.server.server_address[1]
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
-
-    def add(self, request: Any) -> None:
-        with self.lock:
-            for rs in request.resource_spans:
-                service = next(
-                    (
-                        a.value.string_value
-                        for a in rs.resource.attributes
-                        if a.key == "service.name"
-                    ),
-                    "",
-                )
-                for ss in rs.scope_spans:
-                    for s in ss.spans:
-                        attrs = {}
-                        for a in s.attributes:
-                            v = a.value
-                            attrs[a.key] = getattr(v, v.WhichOneof("value") or "string_value")
-                        self.spans.append(
-                            Span(
-                                service,
-                                s.trace_id.hex(),
-                                s.span_id.hex(),
-                                s.parent_span_id.hex(),
-                                s.name,
-                                attrs,
-                                [link.span_id.hex() for link in s.links],
-                            )
-                        )
-
-    def trace(self, trace_id: str) -> list[Span]:
-        with self.lock:
-            return [s for s in self.spans if s.trace_id == trace_id]
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-
-
 @pytest.fixture
 def receiver() -> Iterator[Receiver]:
-    r = Receiver()
-    yield r
-    r.close()
+    with Receiver() as r:
+        yield r
 
 
 FUNCTION = """
@@ -157,16 +70,6 @@ def _deploy(hourai_daemon: Any, receiver: Receiver, extra: str = "") -> Any:
     return d
 
 
-def _children(spans: list[Span], parent: Span) -> list[Span]:
-    return [s for s in spans if s.parent == parent.span_id]
-
-
-def _one(spans: list[Span], name: str) -> Span:
-    found = [s for s in spans if s.name == name]
-    assert len(found) == 1, (name, [s.name for s in spans])
-    return found[0]
-
-
 @pytest.mark.slow
 def test_the_span_tree_arrives_over_otlp(hourai_daemon, receiver: Receiver) -> None:
     d = _deploy(hourai_daemon, receiver)
@@ -191,17 +94,17 @@ def test_the_span_tree_arrives_over_otlp(hourai_daemon, receiver: Receiver) -> N
     wait_until(lambda: names <= {s.name for s in receiver.trace(trace_id)}, timeout=20)
     wait_until(lambda: "hourai.snapshot.build" in {s.name for s in receiver.trace(trace_id)})
     spans = receiver.trace(trace_id)
-    root = _one(spans, "GET traced")
+    root = one(spans, "GET traced")
     assert root.parent == f"{CALLER_SPAN:016x}" and root.service == "hourai"
     assert root.attributes["http.response.status_code"] == 200
-    assert {s.name for s in _children(spans, root)} == {"hourai.queue", "hourai.invoke"}
-    queue = _one(spans, "hourai.queue")
-    start = _one(spans, "hourai.start")
+    assert {s.name for s in children(spans, root)} == {"hourai.queue", "hourai.invoke"}
+    queue = one(spans, "hourai.queue")
+    start = one(spans, "hourai.start")
     assert start.parent == queue.span_id and start.attributes["hourai.start"] == "cold"
-    assert {s.name for s in _children(spans, start)} == {"hourai.snapshot.build", "hourai.fork"}
-    invoke = _one(spans, "hourai.invoke")
+    assert {s.name for s in children(spans, start)} == {"hourai.snapshot.build", "hourai.fork"}
+    invoke = one(spans, "hourai.invoke")
     assert invoke.span_id == f"{seen[1]:016x}" and invoke.attributes["hourai.start"] == "cold"
-    user = _one(spans, "user.work")
+    user = one(spans, "user.work")
     assert user.parent == invoke.span_id and user.service == "user-fn"
 
     # the next one is warm and starts a trace of its own (no traceparent sent)
@@ -212,9 +115,9 @@ def test_the_span_tree_arrives_over_otlp(hourai_daemon, receiver: Receiver) -> N
     trace2 = f"{seen2[0]:032x}"
     wait_until(lambda: {"hourai.start", "user.work"} <= {s.name for s in receiver.trace(trace2)})
     spans2 = receiver.trace(trace2)
-    assert _one(spans2, "GET traced").parent == ""
-    assert _one(spans2, "hourai.start").attributes["hourai.start"] == "warm"
-    assert _one(spans2, "user.work").parent == _one(spans2, "hourai.invoke").span_id
+    assert one(spans2, "GET traced").parent == ""
+    assert one(spans2, "hourai.start").attributes["hourai.start"] == "warm"
+    assert one(spans2, "user.work").parent == one(spans2, "hourai.invoke").span_id
 
     # every line the function printed names its request and its trace
     log = d.cli("logs", "traced").stdout
@@ -273,6 +176,111 @@ def test_a_failed_requests_lines_are_found_from_its_error_id(
         ),
         timeout=20,
     )
+
+
+THREADED = """
+import json
+import threading
+import time
+from opentelemetry import trace
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+
+provider = TracerProvider(resource=Resource.create({{"service.name": "user-fn"}}))
+provider.add_span_processor(
+    SimpleSpanProcessor(OTLPSpanExporter(endpoint="http://127.0.0.1:{port}/v1/traces"))
+)
+trace.set_tracer_provider(provider)
+tracer = trace.get_tracer("user")
+
+
+def _work(token):
+    began = time.time()
+    print("begin", token)
+    time.sleep(0.6)
+    print("end", token)
+    return {{"began": began, "ended": time.time(), "thread": threading.current_thread().name}}
+
+
+def handler(event, context):
+    with tracer.start_as_current_span("user.threaded"):
+        out = _work(event["rawPath"].rsplit("/", 1)[-1])
+    return {{**out, "request_id": context.aws_request_id, "seen": event["headers"]["traceparent"]}}
+
+
+def application(environ, start_response):
+    out = _work(environ["PATH_INFO"].rsplit("/", 1)[-1])
+    start_response("200 OK", [("content-type", "application/json")])
+    return [json.dumps(out).encode()]
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("attr", ["handler", "application"], ids=["handler", "wsgi"])
+def test_sync_functions_in_thread_mode_keep_their_request_and_trace_context(
+    hourai_daemon, receiver: Receiver, attr: str
+) -> None:
+    """concurrency > 1: a sync function runs in the worker's pool threads, two requests at
+    once on one worker; each one's lines carry its own request id, and its spans nest under
+    its own invocation span."""
+    d = hourai_daemon(
+        "[defaults]\nspares = 0\nconcurrency = 4\nmax_workers = 1\n"
+        f"[tracing]\nenabled = true\nendpoint = 'http://127.0.0.1:{receiver.port}/v1/traces'\n"
+    )
+    fn = Path(hourai_daemon.root) / "threaded"
+    fn.mkdir()
+    (fn / "handler.py").write_text(THREADED.format(port=receiver.port))
+    fn.chmod(0o755)
+    (fn / "handler.py").chmod(0o644)
+    d.cli("deploy", "threaded", f"{fn / 'handler.py'}:{attr}")
+    assert d.get("/threaded/warm").status == 200  # the worker is up: the two overlap on it
+
+    replies: dict[str, Any] = {}
+
+    def call(token: str) -> None:
+        replies[token] = d.get(f"/threaded/{token}")
+
+    first = threading.Thread(target=call, args=("tok-one",))
+    first.start()
+    time.sleep(0.25)  # the second starts while the first sleeps (and no line is half written)
+    call("tok-two")
+    first.join()
+    first_doc, second_doc = (replies[t].json() for t in ("tok-one", "tok-two"))
+    assert all(replies[t].status == 200 for t in replies), replies
+    # one worker, two pool threads at once
+    threads = {first_doc["thread"], second_doc["thread"]}  # type: ignore[index]
+    assert len(threads) == 2 and all(t.startswith("invocation") for t in threads)
+    assert second_doc["began"] < first_doc["ended"]  # type: ignore[index]
+
+    log = d.cli("logs", "threaded").stdout
+    for token in ("tok-one", "tok-two"):
+        lines = [line for line in log.splitlines() if line.endswith(f" {token}")]
+        assert len(lines) == 2, log
+        found = {re.search(r"req=([0-9a-f]+-\d+) ", line) for line in lines}
+        assert None not in found, lines
+        (request_id,) = {m.group(1) for m in found}  # type: ignore[union-attr]
+        assert d.cli("logs", "threaded", "--request", request_id).stdout.splitlines() == lines
+        if attr == "handler":
+            assert replies[token].json()["request_id"] == request_id  # type: ignore[index]
+            assert all("trace=" in line for line in lines)
+
+    if attr == "handler":
+        # the function's own span is a child of hourai's invocation span, in each trace
+        for reply in (first_doc, second_doc):
+            seen = parse_traceparent(reply["seen"])  # type: ignore[index]
+            assert seen is not None
+            trace_id = f"{seen[0]:032x}"
+            wait_until(
+                lambda t=trace_id: (
+                    {"user.threaded", "hourai.invoke"} <= {s.name for s in receiver.trace(t)}
+                )
+            )
+            spans = receiver.trace(trace_id)
+            invoke = one(spans, "hourai.invoke")
+            assert invoke.span_id == f"{seen[1]:016x}"
+            assert one(spans, "user.threaded").parent == invoke.span_id
 
 
 def test_an_absent_collector_costs_requests_nothing_and_drops_are_counted() -> None:

@@ -217,12 +217,14 @@ class Invocations:
 
     # ------------------------------------------------------------------ the way in
 
-    async def accept(self, name: str, event: bytes, source: str = "api") -> str:
-        """Durably queue an event for ``name``; returns its id (QueueError if the disk
-        refuses)."""
+    async def accept(
+        self, name: str, event: bytes, source: str = "api", traceparent: str | None = None
+    ) -> str:
+        """Durably queue an event for ``name``, with the trace context that accepted it
+        (its runs link to it); returns its id (QueueError if the disk refuses)."""
         assert self.store is not None and self.runner is not None
         config = self.runner.configs.get(name, AsyncConfig())
-        iid = await self.store.accept(config.accept(name, event, source))
+        iid = await self.store.accept(config.accept(name, event, source, traceparent))
         self.runner.wake()
         return iid
 
@@ -309,6 +311,7 @@ class Invocations:
             last = tick
 
     async def _fire(self, name: str, tick: datetime) -> None:
+        # No trace context: nothing caused a tick but the clock, so each run starts a trace.
         iid = await self.accept(name, scheduled_event(name, tick), "schedule")
         self.ticks[name] = self.ticks.get(name, 0) + 1
         log.info("%s: scheduled event for %s queued as %s", name, _iso(tick), iid)

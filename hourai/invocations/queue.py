@@ -19,6 +19,11 @@ when it returns, so an event is durable before its 202 is sent)::
   goes to the dead letters: it may be what kills it.
 - ``dead`` rows are the dead-letter store: kept, with their event and last error, for
   ``dead_retention``; ``succeeded`` rows keep their result for ``retention``.
+- ``traceparent`` is the trace context that accepted the event (with tracing on: the
+  accepting request's ``publish`` span), kept so that every attempt's trace links to it.
+
+The schema only grows: a column added since a store was made is added when it is opened
+(:data:`ADDED_COLUMNS`), so the store an older hourai wrote keeps its events.
 
 The object is synchronous and takes ``now`` from its caller (wall-clock seconds, since rows
 outlive the process): the property tests drive it directly. The daemon calls it from one
@@ -65,7 +70,8 @@ CREATE TABLE IF NOT EXISTS invocations (
     status_code INTEGER,
     result BLOB,
     error TEXT,
-    condition TEXT                           -- Success, RetriesExhausted, EventAgeExceeded
+    condition TEXT,                          -- Success, RetriesExhausted, EventAgeExceeded
+    traceparent TEXT                         -- W3C trace context of what accepted it
 );
 CREATE INDEX IF NOT EXISTS due ON invocations (status, function, not_before);
 CREATE INDEX IF NOT EXISTS by_function ON invocations (function, accepted_at);
@@ -77,6 +83,11 @@ CREATE TABLE IF NOT EXISTS schedules (
     missed_note TEXT
 );
 """
+
+
+# Columns of ``invocations`` that the first schema lacked, in the order they came: opening a
+# store made before one of them adds it (NULL in the rows already there).
+ADDED_COLUMNS: tuple[tuple[str, str], ...] = (("traceparent", "TEXT"),)
 
 
 class QueueError(Exception):
@@ -102,6 +113,7 @@ class Invocation:
     result: bytes | None
     error: str | None
     condition: str | None
+    traceparent: str | None = None
 
     def describe(self, *, with_event: bool = False) -> dict[str, Any]:
         """What ``hourai invocations`` shows (JSON-able)."""
@@ -121,6 +133,8 @@ class Invocation:
         }
         if self.interrupted:
             doc["interrupted"] = self.interrupted
+        if self.traceparent:
+            doc["traceparent"] = self.traceparent
         if self.result is not None:
             doc["result"] = _text(self.result)
         if with_event:
@@ -145,6 +159,7 @@ class Accept:
     max_attempts: int = 3
     max_age: float = 21600.0
     delay: float = 0.0
+    traceparent: str | None = None  # the trace context that accepted it
 
 
 _COLUMNS = ", ".join(Invocation.__dataclass_fields__)
@@ -164,6 +179,7 @@ class InvocationQueue:
             self.db.execute("PRAGMA synchronous=FULL")
             self.db.execute("PRAGMA busy_timeout=5000")
             self.db.executescript(SCHEMA)
+            self._migrate()
         except sqlite3.Error as exc:
             raise QueueError(f"cannot open the invocation queue {path}: {exc}") from None
         # Events may carry what the functions' callers consider private.
@@ -171,6 +187,22 @@ class InvocationQueue:
             p = Path(f"{path}{suffix}")
             if p.exists():
                 os.chmod(p, 0o600)
+
+    def _migrate(self) -> None:
+        """Add the columns a store made by an older hourai lacks (see ADDED_COLUMNS)."""
+        have = {row[1] for row in self.db.execute("PRAGMA table_info(invocations)")}
+        missing = [(name, kind) for name, kind in ADDED_COLUMNS if name not in have]
+        if not missing:
+            return
+        # One transaction: a crash halfway leaves the old schema, and the next open retries.
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            for name, kind in missing:
+                self.db.execute(f"ALTER TABLE invocations ADD COLUMN {name} {kind}")
+            self.db.execute("COMMIT")
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
 
     def close(self) -> None:
         self.db.close()
@@ -225,9 +257,10 @@ class InvocationQueue:
         max_age: float = 21600.0,
         source: str = "api",
         delay: float = 0.0,
+        traceparent: str | None = None,
     ) -> str:
         """Store a new event; returns its id once it is durable."""
-        item = Accept(function, event, source, max_attempts, max_age, delay)
+        item = Accept(function, event, source, max_attempts, max_age, delay, traceparent)
         return self.accept_many([item], now)[0]
 
     def accept_many(self, items: list[Accept], now: float) -> list[str]:
@@ -236,7 +269,8 @@ class InvocationQueue:
         self._tx(
             (
                 "INSERT INTO invocations (id, function, event, source, status, max_attempts,"
-                " accepted_at, expires_at, not_before) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                " accepted_at, expires_at, not_before, traceparent)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     iid,
                     a.function,
@@ -247,6 +281,7 @@ class InvocationQueue:
                     now,
                     now + a.max_age,
                     now + a.delay,
+                    a.traceparent,
                 ),
             )
             for iid, a in zip(ids, items, strict=True)

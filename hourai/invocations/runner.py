@@ -4,6 +4,15 @@ feeds queued events to the scheduler.
 The runner knows the runtime through one async callable, :class:`InvokeEvent`: invoke a
 function with an event and say how it went. Nothing here knows HTTP or workers.
 
+Traces (with tracing on, see hourai.tracing): each attempt is a trace of its own, whose root
+is a CONSUMER span ``process <function>`` with a *link* to the context stored with the event
+(the accepting request's ``publish`` span), as OpenTelemetry's messaging conventions have a
+consumer's "process" span link to the message's creation context. Not a child of it: the
+attempt may run hours later, and again on a retry; one trace per attempt keeps each one's
+spans together, where children would stretch the accepting request's trace over hours and
+every retry. The :class:`Delivery` handed to ``InvokeEvent`` carries the link and the
+span's attributes.
+
 SQLite runs in one thread of its own (:class:`AsyncStore`), not on the event loop: every
 transition is a commit, and a commit with ``synchronous=FULL`` is an fsync of the WAL,
 which takes from tens of microseconds (tmpfs) to tens of milliseconds (a busy disk) — the
@@ -16,7 +25,7 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -47,11 +56,24 @@ class Outcome:
         return self.error is None and not self.throttled
 
 
+@dataclass(frozen=True)
+class Delivery:
+    """What an invocation delivers, for its trace: the root span is the CONSUMER span
+    ``process <function>`` with ``attributes`` (messaging.*, faas.trigger) and a link to
+    each of ``links``, the traceparents of what produced the event (none: a new trace with
+    no link, as a scheduled tick's)."""
+
+    attributes: Mapping[str, str | int]
+    links: tuple[str, ...] = ()
+
+
 class InvokeEvent(Protocol):
     """The seam into the runtime: run ``name`` with ``event`` (JSON bytes), with its own
-    ``timeout`` (None: the function's)."""
+    ``timeout`` (None: the function's); ``delivery`` places its trace."""
 
-    async def __call__(self, name: str, event: bytes, timeout: float | None) -> Outcome: ...
+    async def __call__(
+        self, name: str, event: bytes, timeout: float | None, delivery: Delivery | None = None
+    ) -> Outcome: ...
 
 
 @dataclass(frozen=True)
@@ -66,8 +88,12 @@ class AsyncConfig:
     on_success: str | None = None  # [DestinationConfig.OnSuccess]: a function
     on_failure: str | None = None  # [DestinationConfig.OnFailure]: a function
 
-    def accept(self, function: str, event: bytes, source: str) -> Accept:
-        return Accept(function, event, source, self.retries + 1, self.max_age)
+    def accept(
+        self, function: str, event: bytes, source: str, traceparent: str | None = None
+    ) -> Accept:
+        return Accept(
+            function, event, source, self.retries + 1, self.max_age, traceparent=traceparent
+        )
 
 
 class AsyncStore:
@@ -149,6 +175,23 @@ def destination_record(
         "responsePayload": payload,
     }
     return json.dumps(doc, separators=(",", ":")).encode()
+
+
+def delivery(inv: Invocation) -> Delivery:
+    """One attempt at a queued event, for its trace (every attempt links to the same
+    accepting span)."""
+    return Delivery(
+        {
+            "faas.trigger": "timer" if inv.source == "schedule" else "pubsub",
+            "messaging.system": "hourai",
+            "messaging.operation.type": "process",
+            "messaging.destination.name": inv.function,
+            "messaging.message.id": inv.id,
+            "hourai.source": inv.source,
+            "hourai.attempt": inv.attempt,
+        },
+        (inv.traceparent,) if inv.traceparent else (),
+    )
 
 
 def _json_or_text(data: bytes) -> Any:
@@ -242,7 +285,7 @@ class Runner:
         queue = self.store.queue
         try:
             try:
-                outcome = await self.invoke(inv.function, inv.event, config.timeout)
+                outcome = await self.invoke(inv.function, inv.event, config.timeout, delivery(inv))
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # a bug on our side must not lose the event
@@ -314,7 +357,9 @@ class Runner:
     ) -> None:
         record = destination_record(inv, outcome, condition, outcome.error if outcome else None)
         config = self.configs.get(target, AsyncConfig())
-        iid = await self.store.accept(config.accept(target, record, f"destination:{inv.id}"))
+        # The record's run links to what accepted the event it reports on.
+        item = config.accept(target, record, f"destination:{inv.id}", inv.traceparent)
+        iid = await self.store.accept(item)
         log.info("%s: %s of %s sent to %s as %s", inv.function, condition, inv.id, target, iid)
         self.wake()
 

@@ -33,7 +33,7 @@ import os
 import sys
 import traceback
 from collections.abc import Awaitable, Callable, Iterable
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Protocol, TypeVar, runtime_checkable
 from urllib.parse import unquote_to_bytes
 
 from hourai.isolate.lambda_event import (
@@ -51,6 +51,8 @@ try:
     import uvloop
 except ImportError:  # pragma: no cover - uvloop is a dependency, but the runtime works without it
     uvloop = None  # type: ignore[assignment]
+
+T = TypeVar("T")
 
 ASGI_VERSION = {"version": "3.0", "spec_version": "2.3"}
 LIFESPAN_TIMEOUT = 30.0
@@ -224,7 +226,7 @@ class HandlerInvoker(_LoopOwner):
         if self.is_async:
             result = self._call(inv, event)
             return await result if inspect.isawaitable(result) else result
-        return await asyncio.get_running_loop().run_in_executor(None, self.call_event, event, inv)
+        return await in_thread(self.call_event, event, inv)
 
     def invoke(self, inv: Invocation, outlet: Outlet | None = None) -> Response:
         """One invocation; an async handler runs on this process's loop, one at a time.
@@ -241,11 +243,19 @@ class HandlerInvoker(_LoopOwner):
                 result = await result
             return _strip_head(inv, infer_response(result))
         # Sync code must not block the loop that serves the other invocations.
-        return await asyncio.get_running_loop().run_in_executor(None, self.invoke, inv)
+        return await in_thread(self.invoke, inv)
 
 
 async def _await(awaitable: Awaitable[Any]) -> Any:
     return await awaitable
+
+
+async def in_thread(fn: Callable[..., T], *args: Any) -> T:
+    """``fn(*args)`` on the loop's pool (thread mode: the worker's N threads), in a copy of
+    the calling task's context. ``loop.run_in_executor`` alone carries no contextvars, and
+    the invocation's log mark and its OpenTelemetry context are contextvars: without the
+    copy a sync function's lines would be unmarked and its spans without a parent."""
+    return await asyncio.to_thread(fn, *args)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -404,7 +414,7 @@ class WsgiInvoker:
 
     async def invoke_async(self, inv: Invocation, outlet: Outlet | None = None) -> Response:
         # WSGI is synchronous: run it on a thread so the loop keeps serving other invocations.
-        return await asyncio.get_running_loop().run_in_executor(None, self.invoke, inv, outlet)
+        return await in_thread(self.invoke, inv, outlet)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -7,13 +7,16 @@ the function's log (``[hello#1234 req=1f-1234]``) and in the JSON log. The strea
 wrapped in the snapshot, before the function is imported, so handlers that keep a
 reference to ``sys.stderr`` from import time get the wrapper too. What bypasses Python's
 streams (a C library writing to fd 2, a subprocess) is not marked. In thread isolation the
-mark follows asyncio tasks; sync functions run in the pool's threads write unmarked lines.
+mark follows asyncio tasks, and the pool thread a sync function runs in gets a copy of its
+task's context (:func:`hourai.isolate.adapters.in_thread`); a thread the function starts
+itself begins with an empty context, as Python's threads do, and writes unmarked lines.
 
 Trace context. With tracing on, the ``inv`` frame carries ``trace`` (the traceparent of
 hourai's invocation span). The function sees it as the ``traceparent`` header; and, when
 the function has imported opentelemetry-api, it is also made the current OpenTelemetry
-context for the call, so spans the function starts are children of hourai's. We never
-import OpenTelemetry ourselves: a worker whose function does not use it pays nothing.
+context for the call (in thread isolation too, where it travels with the mark), so spans
+the function starts are children of hourai's. We never import OpenTelemetry ourselves: a
+worker whose function does not use it pays nothing.
 """
 
 from __future__ import annotations

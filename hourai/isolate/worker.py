@@ -3,7 +3,9 @@
 "process" isolation (concurrency 1, like a Lambda instance): a blocking loop, one invocation
 at a time, nothing between the channel and the function. "thread" isolation (concurrency
 N > 1): the worker's own event loop reads the channel and runs up to N invocations at once,
-async functions and ASGI apps as tasks on that loop, sync ones in a pool of N threads.
+async functions and ASGI apps as tasks on that loop, sync ones in a pool of N threads, each
+call in a copy of its task's context (the invocation's log mark and trace context, see
+:mod:`hourai.isolate.context`).
 
 A response the function streams (an ASGI body with ``more_body``, a WSGI generator) goes out
 as it is produced, through an :class:`Outlet`: a ``res`` frame with ``more`` at the first
@@ -37,6 +39,7 @@ from hourai.isolate import context, debugging, direct
 from hourai.isolate.adapters import Invoker, Outlet, new_event_loop
 from hourai.isolate.tracebacks import user_paths
 from hourai.protocol import MAX_ERROR_TEXT, Message, ProtocolError
+from hourai.snapshot import learn
 
 # The traceback is in the worker's output; the daemon only needs the gist, within its bound.
 _MAX_ERROR = MAX_ERROR_TEXT // 4
@@ -153,11 +156,14 @@ class _ProcessWorker:
     ``held`` when a stream's cancel poll reads past them, and are served in order.
     """
 
-    __slots__ = ("channel", "debug", "held", "invoker", "me", "watcher")
+    __slots__ = ("channel", "debug", "held", "imports", "invoker", "me", "watcher")
 
-    def __init__(self, channel: BlockingChannel, invoker: Invoker) -> None:
+    def __init__(
+        self, channel: BlockingChannel, invoker: Invoker, imports: learn.ImportWatch
+    ) -> None:
         self.channel = channel
         self.invoker = invoker
+        self.imports = imports
         self.me = os.getpid()
         self.debug = False
         self.held: deque[Message] = deque()
@@ -202,6 +208,7 @@ class _ProcessWorker:
                 break
             if inv["t"] == "debug":  # hourai debug: this worker is the session's
                 self.debug = True
+                self.imports.left = 0  # debugpy is the debugger's import, not the function's
                 self.channel.send(debugging.start(inv))
             # else e.g. the cancel of a stream that ended meanwhile
         outlet = None
@@ -224,6 +231,7 @@ class _ProcessWorker:
             finish_stream(self.channel.send, outlet, reply)
         else:
             send_reply(self.channel, inv, reply)
+        report_imports(self.channel.send, self.imports)
 
     def serve(self) -> None:
         while (job := self.next()) is not None:
@@ -246,12 +254,21 @@ class _ProcessWorker:
 def serve_worker(channel: BlockingChannel, invoker: Invoker, spec: dict[str, Any]) -> None:
     if not select.select([channel.sock], [], [], 0)[0]:
         warm_up(invoker)  # nothing is waiting: we are a spare, pay the page faults now
-    worker = _ProcessWorker(channel, invoker)
+    imports = learn.ImportWatch(spec.get("cwd"), spec.get("modules", ()))
+    worker = _ProcessWorker(channel, invoker, imports)
     loop = getattr(invoker, "loop", None) if invoker.is_async else None
     if loop is None:
         worker.serve()
     else:
         loop.run_until_complete(worker.serve_async())
+
+
+def report_imports(send: Callable[[Message], None], imports: learn.ImportWatch | None) -> None:
+    """Tell the daemon what packages the first invocations imported (the zygote tree's)."""
+    if imports is not None:
+        new = imports.after_invocation()
+        if new:
+            send({"t": "imported", "modules": new})
 
 
 def finish_stream(send: Callable[[Message], None], outlet: ChannelOutlet, reply: Message) -> None:
@@ -361,7 +378,12 @@ def error_reply(inv: dict[str, Any], exc: BaseException) -> dict[str, Any]:
     return {"t": "err", "id": inv["id"], "error_id": error_id, "error": error}
 
 
-def serve_worker_concurrent(sock: socket.socket, invoker: Invoker, concurrency: int) -> None:
+def serve_worker_concurrent(
+    sock: socket.socket,
+    invoker: Invoker,
+    concurrency: int,
+    imports: learn.ImportWatch | None = None,
+) -> None:
     """Thread mode: up to `concurrency` invocations at once on this worker's own loop."""
     loop = getattr(invoker, "loop", None) or new_event_loop()
     asyncio.set_event_loop(loop)
@@ -403,6 +425,7 @@ def serve_worker_concurrent(sock: socket.socket, invoker: Invoker, concurrency: 
             finish_stream(channel.send, outlet, reply)
         else:
             send_reply(channel, inv, reply)
+        report_imports(send, imports)
 
     def on_message(msg: dict[str, Any], _fds: list[int]) -> None:
         if msg["t"] == "inv":
@@ -412,6 +435,8 @@ def serve_worker_concurrent(sock: socket.socket, invoker: Invoker, concurrency: 
         elif msg["t"] == "debug":
             nonlocal debug
             debug = True
+            if imports is not None:
+                imports.left = 0  # debugpy is the debugger's import, not the function's
             channel.send(debugging.start(msg))
         elif msg["t"] == "cancel":
             outlet = outlets.get(msg.get("id"))  # type: ignore[arg-type]

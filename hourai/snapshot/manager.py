@@ -288,6 +288,8 @@ class SnapshotHandle:
     info: dict[str, Any] = field(default_factory=dict)
     on_lost: Callable[[str], None] | None = None
     stopping: bool = False
+    # What forked it: the root zygote, or a package zygote (hourai.snapshot.tree)
+    parent: Any = None
 
     def fork(self, wid: int) -> None:
         if self.channel is None or self.channel.closed:
@@ -420,25 +422,16 @@ class RootZygote:
         self, fid: str, spec: dict[str, Any], events: WorkerEvents, tag: str
     ) -> SnapshotHandle:
         """Ask for a snapshot; await ``handle.ready`` for its ``ready`` message."""
+        handle = SnapshotHandle(fid, events, self.loop.create_future(), parent=self)
+        self.launch(handle, spec, tag)
+        return handle
+
+    def launch(self, child: Any, spec: dict[str, Any], tag: str) -> None:
+        """Fork ``child`` (a SnapshotHandle, or a package zygote's node) with ``spec``."""
         if self.channel is None or self.channel.closed:
             raise RuntimeError("root zygote is not running")
-        handle = SnapshotHandle(fid, events, self.loop.create_future())
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        out_r, out_w = os.pipe()
-        handle.channel = AsyncChannel(
-            self.loop,
-            ours,
-            handle._on_message,
-            handle._on_close,
-            with_fds=True,
-            max_frame=SNAPSHOT_FRAME_MAX,
-        )
-        handle.output = OutputReader(self.loop, out_r, tag, self.output_sink)
-        self._by_fid[fid] = handle
-        self.channel.send({"t": "spawn", "fid": fid, "spec": spec}, fds=[theirs.fileno(), out_w])
-        theirs.close()
-        os.close(out_w)
-        return handle
+        self._by_fid[child.fid] = child
+        launch(self.loop, self.channel, child, spec, tag, self.output_sink)
 
     def _on_message(self, msg: Message, fds: list[int]) -> None:
         for fd in fds:
@@ -490,6 +483,29 @@ class RootZygote:
             self.proc.wait(timeout=1)
         except subprocess.TimeoutExpired:  # pragma: no cover - SIGKILL does not fail
             pass
+
+
+def launch(
+    loop: asyncio.AbstractEventLoop,
+    parent: AsyncChannel,
+    child: Any,
+    spec: dict[str, Any],
+    tag: str,
+    sink: Callable[[str, str], None],
+) -> None:
+    """Ask the zygote at the end of ``parent`` to fork ``child``: its channel and output
+    pipe are made here and their far ends passed along with the ``spawn`` command."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    out_r, out_w = os.pipe()
+    child.channel = AsyncChannel(
+        loop, ours, child._on_message, child._on_close, with_fds=True, max_frame=SNAPSHOT_FRAME_MAX
+    )
+    child.output = OutputReader(loop, out_r, tag, sink)
+    try:
+        parent.send({"t": "spawn", "fid": child.fid, "spec": spec}, fds=[theirs.fileno(), out_w])
+    finally:
+        theirs.close()
+        os.close(out_w)
 
 
 def pid_of(pidfd: int) -> int:

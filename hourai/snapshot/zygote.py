@@ -36,7 +36,7 @@ from hourai.isolate.loader import LoadError, Target, load
 from hourai.isolate.tracebacks import show_as, user_paths
 from hourai.isolate.worker import serve_worker, serve_worker_concurrent
 from hourai.packages import importpath
-from hourai.snapshot import immortal
+from hourai.snapshot import immortal, learn
 
 # Tenants' processes go before the daemon (0) when the host runs out of memory. Workers
 # inherit it: after dropping privileges /proc/self is root's and they cannot change it.
@@ -141,12 +141,7 @@ class RootZygote:
         self.pidfd = os.pidfd_open(os.getpid())
         self.pid_ns = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
         gc.disable()  # re-enabled in workers; zygotes allocate little and must not dirty pages
-        for name in self.preloads:
-            try:
-                importlib.import_module(name)
-            except Exception as exc:
-                # A missing preload is slower, not broken: say so and go on.
-                print(f"hourai: preload {name!r} failed: {exc}", file=sys.stderr, flush=True)
+        preload(self.preloads)  # (operator's: a missing one is slower, not broken)
         if self.immortal:
             immortal.immortalize()
         gc.freeze()
@@ -208,8 +203,12 @@ class RootZygote:
                 }
             )
             return
-        # 9. the tenant's code
-        Snapshot(channel, spec).run()
+        # 9. the tenant's code: a function's, or the packages of a zygote of the tenant's
+        # own (hourai.snapshot.tree) that its functions' snapshots fork from
+        if spec.get("role") == "zygote":
+            PackageZygote(channel, spec).run()
+        else:
+            Snapshot(channel, spec).run()
 
     def _confine(self, spec: dict[str, Any]) -> None:
         uid, gid = spec.get("uid"), spec.get("gid")
@@ -222,7 +221,13 @@ class RootZygote:
         # code are still ours to reap and kill as subreaper.
         packages = spec.get("packages")
         if spec.get("sandbox"):
-            needed = [spec.get("cwd") or "", *sys.path, *sandbox.package_dirs(), *(packages or ())]
+            needed = [
+                spec.get("cwd") or "",
+                *spec.get("keep", ()),
+                *sys.path,
+                *sandbox.package_dirs(),
+                *(packages or ()),
+            ]
             sandbox.private_mounts(spec["tmp_size"], uid, gid, keep=needed)
         else:
             sandbox.child_subreaper()
@@ -264,6 +269,12 @@ class Snapshot:
         show_as(self.spec.get("cwd"), self.spec.get("source_root"))
         # before the import: a logging handler made at import keeps the stream it saw
         invocation_context.install()
+        # What this snapshot imports counts as the function's; what it inherited (hourai's
+        # own dependencies, the operator's preloads, its zygote's packages) does not.
+        inherited = set(sys.modules)
+        # what the function was seen importing lazily, or declared, and its zygote (if it
+        # has one) did not import already: its workers find it done
+        preload(self.spec.get("preload", ()))
         try:
             target = Target(**self.spec["target"])
             invoker = load(
@@ -286,6 +297,8 @@ class Snapshot:
             return
         self.invoker = invoker
         init_ms = (time.perf_counter() - started) * 1000
+        new = [name for name in sys.modules if name not in inherited]
+        self.spec["modules"] = modules = learn.third_party(self.spec.get("cwd"), new)
         # What the import left behind is shared by every worker: freeze it so their
         # collections never touch (and so copy) these pages, and (3.12+) make it immortal so
         # their reads do not either.
@@ -301,6 +314,7 @@ class Snapshot:
                 "attr": invoker.attr,
                 "init_ms": init_ms,
                 "pid": os.getpid(),
+                "modules": modules,
             }
         )
         _serve(self.channel, self.reaper, self.on_message, self.on_exit)
@@ -323,16 +337,7 @@ class Snapshot:
         return {**exit_message(pid, status), "wid": wid}
 
     def _kill_strays(self) -> None:
-        try:
-            with open(f"/proc/self/task/{os.getpid()}/children") as f:
-                pids = [int(p) for p in f.read().split()]
-        except OSError:
-            return
-        for pid in pids:
-            if pid not in self.children:
-                _kill_group(pid)
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
+        _kill_strays(self.children)
 
     def on_message(self, msg: dict[str, Any], fds: list[int]) -> bool:
         kind = msg["t"]
@@ -409,9 +414,149 @@ class Snapshot:
         self.invoker.after_fork()
         concurrency = self.spec.get("concurrency", 1)
         if concurrency > 1:
-            serve_worker_concurrent(worker_end, self.invoker, concurrency)
+            imports = learn.ImportWatch(self.spec.get("cwd"), self.spec.get("modules", ()))
+            serve_worker_concurrent(worker_end, self.invoker, concurrency, imports)
         else:
             serve_worker(BlockingChannel(worker_end), self.invoker, self.spec)
+
+
+def _kill_strays(children: dict[int, Any]) -> None:
+    """Kill every child of ours that is not one of ``children`` (an orphan that escaped a
+    process below us, reparented to us as subreaper or pid 1)."""
+    try:
+        with open(f"/proc/self/task/{os.getpid()}/children") as f:
+            pids = [int(p) for p in f.read().split()]
+    except OSError:
+        return
+    for pid in pids:
+        if pid not in children:
+            _kill_group(pid)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def preload(modules: Any) -> tuple[list[str], list[str]]:
+    """Import ``modules``; (imported, failed). A failure is said on stderr and skipped: a
+    preload makes starts faster, its absence never breaks the function."""
+    done, failed = [], []
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except BaseException as exc:  # SystemExit too: module code is the tenant's
+            print(f"hourai: preload {name!r} failed: {exc!r}", file=sys.stderr, flush=True)
+            failed.append(name)
+        else:
+            done.append(name)
+    return done, failed
+
+
+# --------------------------------------------------------------------------- package zygote
+
+
+class PackageZygote:
+    """A zygote of one tenant's packages: a node of the zygote tree (hourai.snapshot.tree).
+
+    Forked from the root zygote and confined exactly like a snapshot (the tenant's cgroup,
+    uid and sandbox, the declared packages' import path), it imports the packages its
+    functions were seen using, freezes them, and then forks the snapshots of those functions
+    (or a deeper zygote with more packages), so each snapshot starts with the import done
+    and the packages' pages are shared by all of them. Tenant-chosen code runs in it only
+    as the tenant, after the drop: the root zygote still imports none.
+
+    Its snapshots are its children in its sandbox: they share its /tmp and pid namespace,
+    which are the tenant's anyway (same uid, same cgroup); another tenant's never do.
+    """
+
+    def __init__(self, channel: BlockingChannel, spec: dict[str, Any]) -> None:
+        self.channel = channel
+        self.spec = spec
+        self.children: dict[int, str] = {}  # pid -> fid of what we forked
+
+    def run(self) -> None:
+        started = time.perf_counter()
+        invocation_context.install()  # before the imports, as in a snapshot
+        loaded, failed = preload(self.spec.get("preload", ()))
+        gc.collect()
+        if self.spec.get("immortalize", True):
+            immortal.immortalize()
+        gc.freeze()
+        self.reaper = _Reaper()
+        self.channel.send(
+            {
+                "t": "zygote_ready",
+                "pid": os.getpid(),
+                "loaded": loaded,
+                "failed": failed,
+                "init_ms": (time.perf_counter() - started) * 1000,
+            }
+        )
+        _serve(self.channel, self.reaper, self.on_message, self.on_exit)
+        for pid in self.children:  # (as pid 1 of the sandbox, our exit takes them anyway)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+    def on_message(self, msg: dict[str, Any], fds: list[int]) -> bool:
+        if msg["t"] == "spawn" and len(fds) == 2:
+            self.spawn(msg, fds)
+            return True
+        for fd in fds:
+            os.close(fd)
+        return msg["t"] != "stop"
+
+    def spawn(self, msg: dict[str, Any], fds: list[int]) -> None:
+        snapshot_fd, output_fd = fds
+        sys.stdout.flush()
+        sys.stderr.flush()
+        try:
+            pid = os.fork()
+        except OSError as exc:  # pids.max: the daemon hears it as a snapshot that failed
+            os.close(output_fd)
+            failed = BlockingChannel(socket.socket(fileno=snapshot_fd))
+            with contextlib.suppress(OSError):
+                failed.send({"t": "failed", "error": f"fork: {exc.strerror}", "details": ""})
+            failed.close()
+            return
+        if pid == 0:
+            try:
+                self._become_child(msg["spec"], snapshot_fd, output_fd)
+            finally:
+                os._exit(70)
+        os.close(snapshot_fd)
+        os.close(output_fd)
+        self.children[pid] = msg["fid"]
+        pidfd = os.pidfd_open(pid)  # our pids are not the daemon's
+        try:
+            self.channel.send({"t": "spawned", "fid": msg["fid"], "pid": pid}, fds=[pidfd])
+        finally:
+            os.close(pidfd)
+
+    def _become_child(self, spec: dict[str, Any], snapshot_fd: int, output_fd: int) -> None:
+        # Already confined (cgroup, sandbox, limits, uid, no_new_privs): what is left is
+        # what differs between our children.
+        sandbox.reset_signals()
+        self.channel.sock.close()
+        self.reaper.close()
+        os.dup2(output_fd, 1)
+        os.dup2(output_fd, 2)
+        os.close(output_fd)
+        channel = BlockingChannel(socket.socket(fileno=snapshot_fd))
+        sandbox.die_with_parent(os.getppid())  # same uid: the death signal stays set
+        sandbox.child_subreaper()  # what escapes our workers stays ours to kill
+        os.environ.clear()
+        os.environ.update(spec.get("env", {}))
+        if spec.get("cwd"):
+            os.chdir(spec["cwd"])
+        if spec.get("role") == "zygote":
+            PackageZygote(channel, spec).run()
+        else:
+            Snapshot(channel, spec).run()
+
+    def on_exit(self, pid: int, status: int) -> dict[str, Any] | None:
+        fid = self.children.pop(pid, None)
+        _kill_strays(self.children)
+        if fid is None:
+            return None
+        return {**exit_message(pid, status), "fid": fid}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -9,7 +9,7 @@ from hostile_worker import _channel, _frame
 
 # a "ready" of a kind the daemon does not know, then a "forked" that claims fds it lacks
 _channel().sendall(
-    _frame({"t": "ready", "kind": "root-shell", "attr": "x", "init_ms": 0, "pid": 1})
+    _frame({"t": "ready", "kind": "root-shell", "attr": "x", "init_ms": 0, "pid": 1, "modules": []})
     + _frame({"t": "forked", "wid": 1, "pid": 1})
 )
 time.sleep(30)

@@ -13,7 +13,10 @@ never finished — acknowledges, and sets aside messages that failed too often. 
   [{"itemIdentifier": ID}]}`` (Lambda's ReportBatchItemFailures): those are not
   acknowledged and come back later; a failed invocation acknowledges nothing;
 - **dead letters**: a message delivered ``max_deliveries`` times without success goes to
-  the source's dead-letter place instead of to the function again.
+  the source's dead-letter place instead of to the function again;
+- **traces**: a batch's invocation links to the trace context each of its messages carries
+  (:attr:`Message.traceparent`, as its producer put it), the messaging conventions' consumer
+  "process" span with a link per message's creation context.
 
 Consumers run in the daemon, decoupled from instances: workers never see the queue.
 """
@@ -27,7 +30,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from hourai.invocations.runner import InvokeEvent, Outcome
+from hourai.invocations.runner import Delivery, InvokeEvent, Outcome
 
 log = logging.getLogger("hourai.triggers")
 
@@ -42,12 +45,15 @@ class Message:
     deliveries: int  # 1 for a first delivery
     sent_ms: int = 0  # when it was enqueued, if the source knows
     extra: dict[str, Any] = field(default_factory=dict)
+    traceparent: str | None = None  # the producer's W3C trace context, if it sent one
 
 
 class Source(Protocol):
     """One queue, seen by one consumer of a group."""
 
     description: str  # for logs and each record's eventSourceARN
+    system: str  # messaging.system of its traces ("redis")
+    destination: str  # messaging.destination.name (the stream, the topic)
 
     async def connect(self) -> None: ...
     async def fetch(self, count: int, wait: float) -> list[Message]: ...
@@ -153,6 +159,19 @@ class BatchConsumer:
             await asyncio.gather(*self._tasks, return_exceptions=True)
             await self.source.close()
 
+    def _delivery(self, batch: list[Message]) -> Delivery:
+        attributes: dict[str, str | int] = {
+            "faas.trigger": "pubsub",
+            "messaging.system": self.source.system,
+            "messaging.operation.type": "process",
+            "messaging.destination.name": self.source.destination,
+            "messaging.batch.message_count": len(batch),
+        }
+        if len(batch) == 1:
+            attributes["messaging.message.id"] = batch[0].id
+        links = tuple(dict.fromkeys(m.traceparent for m in batch if m.traceparent))
+        return Delivery(attributes, links)
+
     async def _collect(self) -> list[Message]:
         loop = asyncio.get_running_loop()
         batch = await self.source.fetch(self.batch_size, FETCH_WAIT)
@@ -188,7 +207,7 @@ class BatchConsumer:
             if not live:
                 return
             event = json.dumps({"Records": [self.source.record(m) for m in live]}).encode()
-            outcome = await self.invoke(self.function, event, self.timeout)
+            outcome = await self.invoke(self.function, event, self.timeout, self._delivery(live))
             ids = [m.id for m in live]
             if not outcome.ok:
                 self.counts["batches_failed"] += 1

@@ -10,6 +10,8 @@
   default, with its original id, the reason and the count) and acknowledged.
 - The group is created if missing (``start = "earliest"``: from the stream's beginning, so
   what was queued before the first deploy is consumed; ``"latest"``: new entries only).
+- An entry's ``traceparent`` field, if it has one, is the producer's trace context: the
+  batch's invocation links to it (the field stays in the record, as every field does).
 """
 
 from __future__ import annotations
@@ -44,6 +46,8 @@ class RedisStreamSource:
         # One consumer per function and host: a restart picks up its own pending entries.
         self.consumer = f"hourai-{socket.gethostname()}-{function}"
         self.description = f"redis-stream {self.stream} (group {self.group})"
+        self.system = "redis"
+        self.destination = self.stream
         self.redis: aioredis.Redis | None = None
         self._cursor = "0-0"
         self._reclaimed_at = 0.0
@@ -104,11 +108,13 @@ class RedisStreamSource:
 
     def _message(self, entry_id: Any, fields: dict[Any, Any], deliveries: int) -> Message:
         ident = _s(entry_id)
+        decoded = {_s(k): _s(v) for k, v in fields.items()}
         return Message(
             id=ident,
-            fields={_s(k): _s(v) for k, v in fields.items()},
+            fields=decoded,
             deliveries=deliveries,
             sent_ms=int(ident.split("-", 1)[0]),
+            traceparent=decoded.get("traceparent"),
         )
 
     async def ack(self, ids: list[str]) -> None:

@@ -38,6 +38,11 @@ def main(argv: list[str] | None = None) -> int:
         "--seed", type=int, default=1, help="seed for everything random (default: 1)"
     )
     parser.add_argument("--trace", type=Path, help="simulate: an Azure 2019 style *_inv.csv file")
+    parser.add_argument(
+        "--baseline-tree",
+        type=Path,
+        help="warm: also run the hourai rows of this checkout (before/after, same run)",
+    )
     args = parser.parse_args(argv)
 
     parts = args.parts or list(PARTS)
@@ -46,6 +51,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown part {', '.join(unknown)}; choose from {', '.join(PARTS)}")
 
     ctx = BenchContext(out=args.out, quick=args.quick, seed=args.seed, trace=args.trace)
+    if args.baseline_tree:
+        ctx.extra["baseline_tree"] = str(args.baseline_tree)
     results: dict[str, object] = {
         "machine": machine_facts(),
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

@@ -20,6 +20,7 @@ path it really took.
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -39,10 +40,15 @@ GOALS = {"warm_added_p50_ms": 0.150, "spare_p50_ms": 0.5, "fork_p50_ms": 2.0, "f
 class BenchServer:
     """`python -m bench.server` as a child; stopped by closing its stdin, then by pid."""
 
-    def __init__(self, target: Path, *args: str, python: str = sys.executable) -> None:
+    def __init__(
+        self, target: Path, *args: str, python: str = sys.executable, tree: Path | None = None
+    ) -> None:
+        # tree: another checkout's bench.server and hourai (a before/after comparison)
+        env = None if tree is None else {**os.environ, "PYTHONPATH": str(tree)}
         self.proc = subprocess.Popen(
             [python, "-m", "bench.server", str(target), *args],
-            cwd=REPO,
+            cwd=tree or REPO,
+            env=env,
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,

@@ -109,4 +109,3 @@ def run(ctx: BenchContext) -> dict:
     out = {"workers_per_mode": workers, "flask": results}
     ctx.path("pages.json").write_text(json.dumps(out, indent=1))
     return out
-

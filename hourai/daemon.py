@@ -22,6 +22,7 @@ import tempfile
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -237,7 +238,10 @@ class Runtime:
     def __init__(self, settings: RuntimeSettings | None = None) -> None:
         self.settings = settings or RuntimeSettings()
         self.loop = asyncio.get_running_loop()
-        self.scheduler = Scheduler(self.loop.time, max_host_workers=self.settings.max_host_workers)
+        # send_ahead: a busy process-mode worker gets its next invocation before it asks.
+        self.scheduler = Scheduler(
+            self.loop.time, max_host_workers=self.settings.max_host_workers, send_ahead=True
+        )
         self.zygote = self._new_zygote()
         # Builds asked for while the root zygote is down: done once it is back.
         self._builds_waiting: list[tuple[str, str]] = []
@@ -252,6 +256,7 @@ class Runtime:
         self._fids = itertools.count(1)
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
+        self._timer_pushes = -1
         self._tasks: set[asyncio.Task[Any]] = set()
         self.observers: list[Observer] = []
         self.started = time.time()
@@ -821,11 +826,40 @@ class Runtime:
         events, traced as their consumer (hourai.tracing says how). With ``stream``, a
         response the function streams comes back as soon as its head does, with a
         :class:`WorkerStream` for the rest (which the caller must attach or cancel); without,
-        the function's stream is buffered whole."""
-        rid = next(self._rids)
-        pending = Pending(
-            rid, spec, request, root_path, path, self.loop.create_future(), self.loop.time()
+        the function's stream is buffered whole. Cancelling the call gives the request up
+        (see :meth:`submit`)."""
+        return await self.submit(
+            spec,
+            request,
+            root_path,
+            path,
+            timeout,
+            event=event,
+            traceparent=traceparent,
+            delivery=delivery,
+            stream=stream,
         )
+
+    def submit(
+        self,
+        spec: FunctionSpec,
+        request: Request,
+        root_path: str,
+        path: str,
+        timeout: float | None = None,
+        *,
+        event: bytes | None = None,
+        traceparent: str | None = None,
+        delivery: Delivery | None = None,
+        stream: bool = False,
+    ) -> asyncio.Future[Response]:
+        """:meth:`invoke` without a coroutine: the future of the answer, for the ingress to
+        wait on without a task per request. Cancelling the future gives the request up:
+        it leaves the queue, or its worker finishes it and the answer is thrown away."""
+        rid = next(self._rids)
+        loop = self.loop
+        future: asyncio.Future[Response] = loop.create_future()
+        pending = Pending(rid, spec, request, root_path, path, future, loop.time())
         pending.timeout = timeout
         pending.event = event
         if self.tracer is not None:
@@ -851,27 +885,30 @@ class Runtime:
                 )
         pending.streamable = stream and event is None
         if self.resources is not None:
-            now = self.loop.time()
+            now = loop.time()
             if (spec.name, spec.version) not in self.versions:
                 # The snapshot has to be rebuilt: only if the memory budget allows it.
                 admission = self.resources.admit(spec.name, now)
                 if not admission.ok:
-                    return error_response(
-                        503, f"{spec.name}: {admission.reason}", [("retry-after", "5")]
+                    future.set_result(
+                        error_response(
+                            503, f"{spec.name}: {admission.reason}", [("retry-after", "5")]
+                        )
                     )
+                    return future
             self.resources.request_started(spec.name, now)
         self.pending[rid] = pending
+        future.add_done_callback(partial(self._gave_up, pending))
         if not (self.debugger.sessions and self.debugger.take(pending)):
             self._apply(self.scheduler.submit(rid, spec.name, timeout))
-        try:
-            return await pending.future
-        except asyncio.CancelledError:
-            # The client went away: drop it from the queue, or let its worker finish and
-            # throw the result away. Nothing else is spent on it.
-            if self.pending.pop(rid, None) is not None:
-                self._request_ended(pending)
-                self._apply(self.scheduler.cancel(rid))
-            raise
+        return future
+
+    def _gave_up(self, pending: Pending, future: asyncio.Future[Response]) -> None:
+        # The client went away: drop it from the queue, or let its worker finish and
+        # throw the result away. Nothing else is spent on it.
+        if future.cancelled() and self.pending.pop(pending.rid, None) is not None:
+            self._request_ended(pending)
+            self._apply(self.scheduler.cancel(pending.rid))
 
     def _request_ended(self, pending: Pending) -> None:
         if self.resources is not None:
@@ -943,41 +980,37 @@ class Runtime:
         # New limits apply to warm workers too: the answer is bounded by today's option.
         worker.channel.max_frame = response_frame_limit(spec.limits.max_response_size)
         request_id = f"{pending.rid:x}-{worker.pid}"
-        headers = req.headers
-        extra: dict[str, Any] = {} if pending.event is None else {"event": pending.event}
+        inv: dict[str, Any] = {
+            "t": "inv",
+            "id": pending.rid,
+            "method": req.method,
+            "path": pending.path,
+            "root_path": pending.root_path,
+            "query": req.query,
+            "headers": req.headers,
+            "body": req.body,
+            "client": req.client,
+            "server": req.server,
+            "scheme": "http",
+            "http_version": req.http_version,
+            "request_id": request_id,
+            "function": spec.name,
+            "deadline_ms": int(max(remaining, 0) * 1000),
+        }
+        if pending.event is not None:
+            inv["event"] = pending.event
         if pending.trace is not None:
             traceparent = self._trace_dispatch(pending, worker, request_id)
             # The function's parent is hourai's invocation span, not the caller's span.
-            headers = [h for h in headers if h[0] != "traceparent"]
+            headers = [h for h in req.headers if h[0] != "traceparent"]
             headers.append(("traceparent", traceparent))
-            extra["trace"] = traceparent
+            inv["headers"] = headers
+            inv["trace"] = traceparent
+        if pending.streamable:
+            # the largest chunk frame the worker may send, as the caller takes a stream
+            inv["stream"] = min(STREAM_CHUNK, spec.limits.max_response_size)
         worker.served = True
-        worker.channel.send(
-            {
-                "t": "inv",
-                "id": pending.rid,
-                "method": req.method,
-                "path": pending.path,
-                "root_path": pending.root_path,
-                "query": req.query,
-                "headers": headers,
-                "body": req.body,
-                "client": req.client,
-                "server": req.server,
-                "scheme": "http",
-                "http_version": req.http_version,
-                "request_id": request_id,
-                "function": spec.name,
-                "deadline_ms": int(max(remaining, 0) * 1000),
-                **extra,
-                # the largest chunk frame the worker may send, if the caller takes a stream
-                **(
-                    {"stream": min(STREAM_CHUNK, spec.limits.max_response_size)}
-                    if pending.streamable
-                    else {}
-                ),
-            }
-        )
+        worker.channel.send(inv)
 
     # ------------------------------------------------------------------ workers
 
@@ -1035,6 +1068,10 @@ class Runtime:
             # removal) kills that worker, and a cancelled request stays in flight until
             # answered: an id not in flight was never asked for.
             raise Violation(f"answer to request {msg['id']}, which it was not running")
+        if self.scheduler.sent_ahead(worker.wid) == pending.rid:
+            # One at a time: what was sent ahead starts only after the answer before it.
+            worker.inflight[pending.rid] = pending  # re-dispatched, not answered 502
+            raise Violation(f"answer to request {pending.rid} before the one it was running")
         spec = pending.spec
         if pending.stream is not None or ("more" in msg and not pending.streamable):
             worker.inflight[pending.rid] = pending  # the violation's 502 (or cut-off) is its end
@@ -1153,7 +1190,7 @@ class Runtime:
             kill_pid(worker.pid)
         log.warning("%s#%d killed: %s", worker.function, worker.pid, why)
         self._verdict(worker.function, f"worker {worker.pid} killed: {why}")
-        for pending in list(worker.inflight.values()):
+        for pending in self._started_on(worker):
             self._answer(
                 pending,
                 error_response(
@@ -1167,6 +1204,12 @@ class Runtime:
             worker.channel.close("killed")
         self._forget_worker(worker)
         self._apply(self.scheduler.worker_died(worker.wid, f"killed: {why}"))
+
+    def _started_on(self, worker: WorkerProc) -> list[Pending]:
+        """What the worker held, less the request sent ahead that it had not started: the
+        scheduler dispatches that one again when told the worker is gone."""
+        ahead = self.scheduler.sent_ahead(worker.wid)
+        return [p for rid, p in worker.inflight.items() if rid != ahead]
 
     def _worker_channel_lost(self, worker: WorkerProc, reason: str) -> None:
         channel = worker.channel
@@ -1191,7 +1234,7 @@ class Runtime:
         verdict = f"worker {worker.pid} killed: {error}"
         log.warning("%s#%d killed: %s", worker.function, worker.pid, error)
         self._verdict(worker.function, verdict)
-        for pending in list(worker.inflight.values()):
+        for pending in self._started_on(worker):
             self._answer(
                 pending, error_response(502, status_text, [("x-hourai-start", pending.start)])
             )
@@ -1387,6 +1430,10 @@ class Runtime:
         self._apply(self.scheduler.fork_failed(wid, error))
 
     def _arm_timer(self) -> None:
+        pushes = self.scheduler.timer_pushes
+        if self._timer is not None and pushes == self._timer_pushes:
+            return  # nothing new in the scheduler's heap: the armed timer is early enough
+        self._timer_pushes = pushes
         deadline = self.scheduler.next_deadline()
         if deadline is None or (self._timer_at is not None and self._timer_at <= deadline):
             return
@@ -1493,24 +1540,32 @@ def _function_error(payload: bytes) -> str:
 
 def http_handler(
     runtime: Runtime, router: Router, accept: AcceptEvent | None = None
-) -> Callable[[Request], Any]:
+) -> Callable[[Request], Awaitable[Response]]:
     """The ingress callback: route, then hand the request to the scheduler — or, with an
-    ``Event`` invocation type and a queue to ``accept`` it, to the durable queue (202)."""
+    ``Event`` invocation type and a queue to ``accept`` it, to the durable queue (202).
 
-    async def handle(request: Request) -> Response:
+    It returns the scheduler's future itself, not a coroutine: no task per request."""
+
+    def handle(request: Request) -> Awaitable[Response]:
         routed = router.route(request)
         if routed is None:
             if router.single is not None:
-                return error_response(503, "the function is not deployed (yet)")
-            return error_response(404, f"no function serves {request.path}")
+                return _done(runtime, error_response(503, "the function is not deployed (yet)"))
+            return _done(runtime, error_response(404, f"no function serves {request.path}"))
         spec, root_path, path = routed
         if accept is not None and any(
             (request.header(h) or "").lower() == "event" for h in INVOCATION_TYPE_HEADERS
         ):
-            return await _accept_async(runtime, accept, spec.name, request)
-        return await runtime.invoke(spec, request, root_path, path, stream=True)
+            return _accept_async(runtime, accept, spec.name, request)
+        return runtime.submit(spec, request, root_path, path, stream=True)
 
     return handle
+
+
+def _done(runtime: Runtime, response: Response) -> asyncio.Future[Response]:
+    future: asyncio.Future[Response] = runtime.loop.create_future()
+    future.set_result(response)
+    return future
 
 
 async def _accept_async(

@@ -914,8 +914,10 @@ class HttpProtocol(asyncio.Protocol):
         ex.started = True
         try:
             awaitable = self._handler(ex.request)
-            if asyncio.iscoroutine(awaitable):
-                task: asyncio.Future[Response] = self._loop.create_task(awaitable)
+            if isinstance(awaitable, asyncio.Future):
+                task: asyncio.Future[Response] = awaitable  # no task needed to wait on it
+            elif asyncio.iscoroutine(awaitable):
+                task = self._loop.create_task(awaitable)
             else:
                 task = asyncio.ensure_future(awaitable, loop=self._loop)
         except Exception:

@@ -336,14 +336,14 @@ class FrameDecoder:
         """Bytes received that are not yet decoded."""
         return len(self._buf) - self._pos
 
-    def feed(self, data: bytes) -> list[Message]:
+    def feed(self, data: bytes | memoryview) -> list[Message]:
         self.push(data)
         out: list[Message] = []
         while (msg := self.next()) is not None:
             out.append(msg)
         return out
 
-    def push(self, data: bytes) -> None:
+    def push(self, data: bytes | memoryview) -> None:
         if self._error is not None:
             raise self._error
         buf = self._buf

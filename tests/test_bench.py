@@ -83,8 +83,19 @@ def test_quick_suite_writes_results_for_every_part(tmp_path) -> None:
     assert len(density["goals"]) == 5
     assert (out / "density.png").stat().st_size > 0
     servers = doc["parts"]["warm"]["servers"]
-    assert {"uvicorn/asgi", "gunicorn/wsgi", "hourai-1w/asgi", "hourai-1w/wsgi"} <= set(servers)
+    assert {
+        "raw/asgi",
+        "uvicorn/asgi",
+        "gunicorn/wsgi",
+        "hourai-1w/asgi",
+        "hourai-c16/asgi",
+        "hourai-1w/wsgi",
+    } <= set(servers)
     assert all(s["rps"] > 0 and s["errors"] == 0 for s in servers.values())
+    warm = doc["parts"]["warm"]
+    assert warm["latency"]["n"] > 0 and warm["latency"]["raw_p50_ms"] > 0
+    assert len(warm["goals"]) == 4  # the three throughput ratios and the added latency
+    assert all(isinstance(g["met"], bool) for g in warm["goals"].values())
     assert "| path |" in result.stdout  # the table a reader sees
 
 

@@ -1126,3 +1126,50 @@ def test_http_client_smoke(server: ServerThread) -> None:
         assert conn.sock is first_sock  # one keep-alive connection throughout
     finally:
         conn.close()
+
+
+@pytest.mark.parametrize("loop_kind", ["asyncio", "uvloop"])
+def test_a_handler_may_answer_with_a_future_which_a_disconnect_cancels(loop_kind: str) -> None:
+    """What hourai's daemon does: no coroutine, the scheduler's future itself. It is
+    answered when set, in order, and cancelled when the client resets."""
+
+    async def scenario() -> tuple[list[bytes], bool]:
+        loop = asyncio.get_running_loop()
+        futures: list[asyncio.Future[Response]] = []
+
+        def handler(req: Request) -> asyncio.Future[Response]:
+            future: asyncio.Future[Response] = loop.create_future()
+            futures.append(future)
+            if req.path == "/now":
+                future.set_result(Response(200, [], b"now"))
+            return future
+
+        server = await serve(handler, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(get("/later") + get("/now"))  # pipelined: answered in order
+        while len(futures) < 2:
+            await asyncio.sleep(0.001)
+        futures[0].set_result(Response(200, [], b"later"))
+        bodies = []
+        for _ in range(2):
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = int(re.search(rb"content-length: (\d+)", head).group(1))  # type: ignore[union-attr]
+            bodies.append(await reader.readexactly(length))
+        writer.write(get("/never"))
+        while len(futures) < 3:
+            await asyncio.sleep(0.001)
+        sock = writer.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        writer.close()  # a reset
+        for _ in range(int(WAIT * 1000)):
+            if futures[2].done():
+                break
+            await asyncio.sleep(0.001)
+        server.close()
+        return bodies, futures[2].cancelled()
+
+    run = uvloop.run if loop_kind == "uvloop" else asyncio.run
+    bodies, cancelled = run(scenario())
+    assert bodies == [b"later", b"now"]
+    assert cancelled

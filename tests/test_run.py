@@ -57,6 +57,15 @@ def test_spare_is_prefored_and_refilled(hourai_run) -> None:
     assert request(proc.port, "/pid").start == "warm"
 
 
+def test_process_mode_async_invocations_share_a_loop_but_not_a_context(hourai_run) -> None:
+    # The worker's loop runs for its life (no loop start per invocation), yet each
+    # invocation is a task of its own: what one sets in a contextvar the next never sees.
+    proc = hourai_run(str(FUNCTIONS / "asgi_context.py"), "--spares", "0")
+    replies = [request(proc.port, f"/{i}").json() for i in range(3)]
+    assert [r["before"] for r in replies] == [None, None, None]
+    assert len({(r["pid"], r["loop"]) for r in replies}) == 1
+
+
 def test_idle_workers_are_reaped_but_the_snapshot_stays(hourai_run) -> None:
     proc = hourai_run(BEHAVE, "--spares", "0", "--keep-alive", "0.3")
     first = request(proc.port, "/pid").json()

@@ -18,6 +18,13 @@ reports, limit changes and removals. After every step the invariants of the sche
 8. only crashes back off: a function enters backoff only on a failure to start (a failed
    fork, the death of a worker that has answered nothing, not by the OOM killer, a failed
    snapshot build), never on a timeout, an OOM kill or the death of a worker that served.
+
+The same machine runs again with ``send_ahead`` (what the daemon uses): a busy process-mode
+worker may hold one request sent ahead besides the one it runs, and then also
+
+9. a request is sent ahead only to a busy process-mode worker that holds no other, it is
+   not in flight (no slot, no cap) until the one before it finishes, and when its worker
+   dies or times out first it is dispatched again (or answered), never lost.
 """
 
 from __future__ import annotations
@@ -85,7 +92,7 @@ tenant_limits = st.builds(
 class ModelRequest:
     fn: str
     submitted: float
-    status: str = "waiting"  # waiting, running, done
+    status: str = "waiting"  # waiting, ahead, running, done
     worker: int | None = None
     deadline: float = 0.0  # invocation timeout, once running
 
@@ -100,9 +107,12 @@ class ModelWorker:
     uses: int = 0
     answered: bool = False
     running: set[int] = field(default_factory=set)
+    ahead: int | None = None  # sent ahead, to start when the running one ends
 
 
 class SchedulerMachine(RuleBasedStateMachine):
+    send_ahead = False
+
     def __init__(self) -> None:
         super().__init__()
         self.now = 0.0
@@ -141,6 +151,7 @@ class SchedulerMachine(RuleBasedStateMachine):
             crash_loop_threshold=threshold,
             backoff_initial=1.0,
             backoff_max=4.0,
+            send_ahead=self.send_ahead,
         )
         for fn, lim, ok in zip(FUNCTIONS, limits, ready, strict=True):
             self.limits[fn] = lim
@@ -169,11 +180,15 @@ class SchedulerMachine(RuleBasedStateMachine):
                 req.status = "done"
             elif isinstance(d, Fail):
                 req = self.requests[d.request_id]
-                assert req.status == "running", f"{d} for a request that is {req.status}"
+                assert req.status in ("running", "ahead"), f"{d} for a request that is {req.status}"
                 assert d.status in (502, 503, 504) and d.reason
                 assert req.worker is not None
                 if req.worker in self.workers:  # not when the worker's own death is the news
-                    self.workers[req.worker].running.discard(d.request_id)
+                    w = self.workers[req.worker]
+                    w.running.discard(d.request_id)
+                    if w.ahead == d.request_id:
+                        assert d.status == 503, f"{d}: sent ahead, it is dispatched again"
+                        w.ahead = None
                 req.status = "done"
             elif isinstance(d, Fork):
                 assert d.worker_id not in self.seen_workers, f"{d} reuses a worker id"
@@ -188,6 +203,10 @@ class SchedulerMachine(RuleBasedStateMachine):
                 w = self.workers.pop(d.worker_id, None)
                 assert w is not None, f"{d} names an unknown worker"
                 assert not w.running, f"{d} while it holds unanswered requests {w.running}"
+                if w.ahead is not None:
+                    # Killed (timed out) before it started it: back in the queue.
+                    assert d.reason == "timeout", f"{d} while it holds {w.ahead} sent ahead"
+                    self._unsend(w)
                 self.killed.append(d.worker_id)
             elif isinstance(d, BuildSnapshot):
                 key = (d.function, d.version)
@@ -208,6 +227,14 @@ class SchedulerMachine(RuleBasedStateMachine):
                 if d.state == "backoff":
                     assert d.function in self.start_crash, f"{d} after no failure to start"
 
+    def _unsend(self, w: ModelWorker) -> None:
+        assert w.ahead is not None
+        req = self.requests[w.ahead]
+        assert req.status == "ahead"
+        req.status = "waiting"
+        req.worker = None
+        w.ahead = None
+
     def _dispatch(self, d: Dispatch) -> None:
         req = self.requests[d.request_id]
         assert req.status == "waiting", f"{d} for a request that is {req.status}"
@@ -215,7 +242,20 @@ class SchedulerMachine(RuleBasedStateMachine):
         assert w is not None, f"{d} to an unknown worker"
         assert w.ready and not w.doomed, f"{d} to a worker that is not ready"
         assert w.fn == req.fn, f"{d}: worker of {w.fn}, request for {req.fn}"
+        if d.ahead:
+            assert self.send_ahead, f"{d} from a scheduler that does not send ahead"
+            assert w.slots == 1 and len(w.running) == 1, f"{d} to a worker not busy with one"
+            assert w.ahead is None, f"{d} to a worker already holding {w.ahead}"
+            oldest = min(
+                r for r, q in self.requests.items() if q.fn == req.fn and q.status == "waiting"
+            )
+            assert d.request_id == oldest, f"{d} ahead of request {oldest} (not FIFO)"
+            req.status = "ahead"
+            req.worker = d.worker_id
+            w.ahead = d.request_id
+            return
         assert len(w.running) < w.slots, f"{d} to a worker with no free slot"
+        assert w.ahead is None, f"{d} to a worker holding {w.ahead} sent ahead"
         if d.start in ("spare", "fork") and w.slots == 1:
             assert w.uses == 0, f"{d}: start {d.start} on a worker used before"
         oldest = min(
@@ -324,9 +364,18 @@ class SchedulerMachine(RuleBasedStateMachine):
     def _finish(self, rid: int) -> None:
         req = self.requests[rid]
         assert req.worker is not None
-        self.workers[req.worker].running.discard(rid)
-        self.workers[req.worker].answered = True
+        w = self.workers[req.worker]
+        w.running.discard(rid)
+        w.answered = True
         req.status = "done"
+        if w.ahead is not None:
+            # The worker reads the one sent ahead as it answers: it runs from now.
+            nxt = self.requests[w.ahead]
+            nxt.status = "running"
+            nxt.deadline = self.now + self.limits[nxt.fn].timeout
+            w.running.add(w.ahead)
+            w.uses += 1
+            w.ahead = None
         self.apply(self.s.finished(req.worker, rid))
 
     @rule(data=st.data(), submits=st.integers(0, 6), steps=st.integers(1, 8))
@@ -416,6 +465,8 @@ class SchedulerMachine(RuleBasedStateMachine):
 
     def _died(self, wid: int, oom: bool = False) -> None:
         w = self.workers.pop(wid)
+        if w.ahead is not None:
+            self._unsend(w)  # it never started there: the scheduler dispatches it again
         if not w.answered and not oom:
             self.start_crash = {w.fn}
         if oom:
@@ -583,3 +634,11 @@ SchedulerMachine.TestCase.settings = settings(
     suppress_health_check=[HealthCheck.too_slow],
 )
 TestSchedulerStateful = SchedulerMachine.TestCase
+
+
+class SchedulerAheadMachine(SchedulerMachine):
+    send_ahead = True
+
+
+SchedulerAheadMachine.TestCase.settings = SchedulerMachine.TestCase.settings
+TestSchedulerAheadStateful = SchedulerAheadMachine.TestCase

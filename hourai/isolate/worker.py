@@ -29,6 +29,7 @@ import socket
 import sys
 import threading
 import traceback
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -148,66 +149,118 @@ class ChannelOutlet(Outlet):
         return frames
 
 
-def _poller(channel: BlockingChannel) -> Callable[[ChannelOutlet], None]:
-    def poll(outlet: ChannelOutlet) -> None:
+class _ProcessWorker:
+    """The serve loop of a process-mode worker, one invocation at a time.
+
+    Frames the daemon sent ahead (the next invocation, queued while this one runs) wait in
+    ``held`` when a stream's cancel poll reads past them, and are served in order.
+    """
+
+    __slots__ = ("channel", "debug", "held", "imports", "invoker", "me", "watcher")
+
+    def __init__(
+        self, channel: BlockingChannel, invoker: Invoker, imports: learn.ImportWatch
+    ) -> None:
+        self.channel = channel
+        self.invoker = invoker
+        self.imports = imports
+        self.me = os.getpid()
+        self.debug = False
+        self.held: deque[Message] = deque()
+        self.watcher: list[select.epoll] = []
+
+    def poll(self, outlet: ChannelOutlet) -> None:
+        """Look for the cancel of ``outlet``'s stream without blocking."""
+        channel = self.channel
         try:
             while channel.has_buffered() or select.select([channel.sock], [], [], 0)[0]:
                 msg, _fds = channel.recv()
-                if msg["t"] == "cancel" and msg.get("id") == outlet.id:
-                    outlet.cancel()
+                if msg["t"] == "cancel":
+                    if msg.get("id") == outlet.id:
+                        outlet.cancel()
+                else:
+                    self.held.append(msg)  # the next invocation, sent ahead
         except ChannelClosed:
             outlet.cancel()  # the daemon is gone; so is the client
 
-    return poll
-
-
-def serve_worker(channel: BlockingChannel, invoker: Invoker, spec: dict[str, Any]) -> None:
-    me = os.getpid()
-    if not select.select([channel.sock], [], [], 0)[0]:
-        warm_up(invoker)  # nothing is waiting: we are a spare, pay the page faults now
-    debug = False
-    poll = _poller(channel)
-    watcher: list[select.epoll] = []
-    imports = learn.ImportWatch(spec.get("cwd"), spec.get("modules", ()))
-
-    def watch() -> int:
+    def watch(self) -> int:
         # An event loop's add_reader would make the channel's socket non-blocking, and the
         # sends of a stream must block (that is the back-pressure): the loop watches an
         # epoll instance that watches the socket instead.
-        if not watcher:
+        if not self.watcher:
             ep = select.epoll()
-            ep.register(channel.fileno(), select.EPOLLIN)
-            watcher.append(ep)
-        return watcher[0].fileno()
+            ep.register(self.channel.fileno(), select.EPOLLIN)
+            self.watcher.append(ep)
+        return self.watcher[0].fileno()
 
-    while True:
-        try:
-            inv, _fds = channel.recv()
-        except ChannelClosed:
-            return
-        if inv["t"] != "inv":
+    def next(self) -> tuple[Message, ChannelOutlet | None] | None:
+        """The next invocation (and its outlet, if it may stream); None once the daemon has
+        gone."""
+        while True:
+            if self.held:
+                inv = self.held.popleft()
+            else:
+                try:
+                    inv, _fds = self.channel.recv()
+                except ChannelClosed:
+                    return None
+            if inv["t"] == "inv":
+                break
             if inv["t"] == "debug":  # hourai debug: this worker is the session's
-                debug = True
-                imports.left = 0  # debugpy is the debugger's import, not the function's
-                channel.send(debugging.start(inv))
-            continue  # else e.g. the cancel of a stream that ended meanwhile
+                self.debug = True
+                self.imports.left = 0  # debugpy is the debugger's import, not the function's
+                self.channel.send(debugging.start(inv))
+            # else e.g. the cancel of a stream that ended meanwhile
         outlet = None
-        if "stream" in inv and invoker.kind != "handler":  # a handler's answer is buffered
-            outlet = ChannelOutlet(inv["id"], inv["stream"], channel.send, poll, watch)
-        if debug:
+        if "stream" in inv and self.invoker.kind != "handler":  # a handler's answer is buffered
+            outlet = ChannelOutlet(
+                inv["id"], inv["stream"], self.channel.send, self.poll, self.watch
+            )
+        if self.debug:
             debugging.busy(1)
-        reply = run_invocation(invoker, inv, outlet)
-        if debug:
+        return inv, outlet
+
+    def answer(self, inv: Message, outlet: ChannelOutlet | None, reply: Message) -> None:
+        if self.debug:
             debugging.busy(-1)
-        if os.getpid() != me:
+        if os.getpid() != self.me:
             # The function forked and this is the child coming back: it must never answer
             # on (or read from) the worker's channel.
             os._exit(0)
         if outlet is not None and outlet.started:
-            finish_stream(channel.send, outlet, reply)
+            finish_stream(self.channel.send, outlet, reply)
         else:
-            send_reply(channel, inv, reply)
-        report_imports(channel.send, imports)
+            send_reply(self.channel, inv, reply)
+        report_imports(self.channel.send, self.imports)
+
+    def serve(self) -> None:
+        while (job := self.next()) is not None:
+            inv, outlet = job
+            self.answer(inv, outlet, run_invocation(self.invoker, inv, outlet))
+
+    async def serve_async(self) -> None:
+        """The same loop for async code, on the worker's event loop, which runs for the
+        worker's life: run_until_complete per invocation cost ~125 µs (uvloop sets up its
+        signal wake-up socketpair at every start). Between invocations the loop is blocked
+        in recv, so nothing of the function's runs then, as before."""
+        loop = asyncio.get_running_loop()
+        while (job := self.next()) is not None:
+            inv, outlet = job
+            # A task per invocation, as run_until_complete gave: its own copy of the context.
+            reply = await loop.create_task(run_invocation_async(self.invoker, inv, outlet))
+            self.answer(inv, outlet, reply)
+
+
+def serve_worker(channel: BlockingChannel, invoker: Invoker, spec: dict[str, Any]) -> None:
+    if not select.select([channel.sock], [], [], 0)[0]:
+        warm_up(invoker)  # nothing is waiting: we are a spare, pay the page faults now
+    imports = learn.ImportWatch(spec.get("cwd"), spec.get("modules", ()))
+    worker = _ProcessWorker(channel, invoker, imports)
+    loop = getattr(invoker, "loop", None) if invoker.is_async else None
+    if loop is None:
+        worker.serve()
+    else:
+        loop.run_until_complete(worker.serve_async())
 
 
 def report_imports(send: Callable[[Message], None], imports: learn.ImportWatch | None) -> None:
@@ -254,6 +307,34 @@ def run_invocation(
     except Exception as exc:
         if outlet is not None and outlet.cancelled:
             # The app saw its client leave (a send raised): not the function's error.
+            return {"t": "res", "id": inv["id"], "status": 200, "headers": [], "body": b""}
+        return error_reply(inv, exc)
+    finally:
+        context.leave(tokens)
+    return {
+        "t": "res",
+        "id": inv["id"],
+        "status": result["status"],
+        "headers": result["headers"],
+        "body": result["body"],
+    }
+
+
+async def run_invocation_async(
+    invoker: Invoker, inv: dict[str, Any], outlet: Outlet | None = None
+) -> dict[str, Any]:
+    """:func:`run_invocation` on an event loop: async code is awaited, sync code runs in
+    the loop's executor (the invoker's ``invoke_async`` decides)."""
+    tokens = context.enter(inv)
+    try:
+        if "event" in inv:
+            result = await direct.run_async(invoker, inv)
+        elif outlet is not None:
+            result = await invoker.invoke_async(inv, outlet)
+        else:
+            result = await invoker.invoke_async(inv)
+    except Exception as exc:
+        if outlet is not None and outlet.cancelled:
             return {"t": "res", "id": inv["id"], "status": 200, "headers": [], "body": b""}
         return error_reply(inv, exc)
     finally:
@@ -327,36 +408,18 @@ def serve_worker_concurrent(
 
     async def handle(inv: dict[str, Any]) -> None:
         # Each task has a context of its own, so this marks only this invocation's lines.
-        context.enter(inv)
         if debug:
             debugging.busy(1)
         outlet = None
         if "stream" in inv and invoker.kind != "handler":
             outlet = outlets[inv["id"]] = ChannelOutlet(inv["id"], inv["stream"], send)
         try:
-            if "event" in inv:
-                result = await direct.run_async(invoker, inv)
-            elif outlet is not None:
-                result = await invoker.invoke_async(inv, outlet)
-            else:
-                result = await invoker.invoke_async(inv)
-            reply = {
-                "t": "res",
-                "id": inv["id"],
-                "status": result["status"],
-                "headers": result["headers"],
-                "body": result["body"],
-            }
-        except Exception as exc:
-            if outlet is not None and outlet.cancelled:
-                reply = {"t": "res", "id": inv["id"], "status": 200, "headers": [], "body": b""}
-            else:
-                reply = error_reply(inv, exc)
+            reply = await run_invocation_async(invoker, inv, outlet)
         finally:
             if debug:
                 debugging.busy(-1)
         if os.getpid() != me:
-            os._exit(0)  # a fork of the function's, see serve_worker
+            os._exit(0)  # a fork of the function's, see _ProcessWorker.answer
         outlets.pop(inv["id"], None)
         if outlet is not None and outlet.started:
             finish_stream(channel.send, outlet, reply)

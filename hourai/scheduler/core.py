@@ -11,11 +11,20 @@ A worker's life, all of it in the "worker transitions" section below::
 
     starting ──ready──> spare ─────dispatch─────> busy <──finish/dispatch──> idle
         └──ready, work queued──────────────────> busy
+    busy ──finish, with one sent ahead──> busy
     busy ──new version / snapshot lost──> draining ──last finish──> dead
     any ──kill (idle, timeout, recycle, ...) or died──> dead
 
 In thread mode (concurrency > 1) "busy" means at least one invocation in flight and "idle"
 none; a busy worker with a free slot still takes work.
+
+Sending ahead (``Scheduler(send_ahead=True)``, what the daemon uses): a busy process-mode
+worker of a fast function may be dispatched the next queued request before its current one
+ends (``Dispatch(ahead=True)``), so the invocation is already in its channel when it looks
+for the next and it never sleeps in between. It still runs one at a time: the request sent
+ahead is not in flight (no slot, no cap, no timeout) until the one before it finishes, and
+only then does its invocation timeout start. If the worker dies or times out first, the
+request it had not started goes back to the head of the queue and is dispatched again.
 
 Time: invocation timeouts, queue timeouts, idle reaping and backoff expiry share one heap.
 An entry is only a promise to look at its owner (a worker or a function) again at that time;
@@ -63,11 +72,13 @@ StartPath = Literal["warm", "spare", "fork", "cold"]
 class Dispatch:
     """Send the request to that worker. ``start`` is how the worker was come by: an idle
     worker (warm), a pre-forked one (spare), a fork for this demand (fork), or the request
-    arrived while the function had no ready snapshot (cold)."""
+    arrived while the function had no ready snapshot (cold). ``ahead``: the worker is busy
+    and runs it after its current invocation (see the module docstring)."""
 
     request_id: int
     worker_id: int
     start: StartPath
+    ahead: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,6 +176,15 @@ SNAP_FAILED = "failed"
 _QUEUED = 0
 _RUNNING = 1
 _DONE = 2
+_AHEAD = 3  # sent to a busy worker, which starts it when its current invocation ends
+
+# Send ahead only for a function whose invocations have lately taken at most this long
+# (a moving average), and only to a worker whose current one has not run longer: then the
+# request waits microseconds behind it, and the worker saves a sleep and a wake-up (about
+# 50 µs here). A slower function gains nothing from it, and a request committed to one
+# worker could wait behind a long invocation while another worker frees up.
+AHEAD_MAX_SERVICE = 0.005
+_SERVICE_WEIGHT = 0.3  # of the newest invocation in the moving average
 
 # Retry-After for overload (queue full, queue timeout): soon enough to ride out a burst,
 # late enough that clients retrying in a loop do not become the overload.
@@ -216,6 +236,7 @@ class _Request:
 
 class _Worker:
     __slots__ = (
+        "ahead",
         "answered",
         "armed",
         "fn",
@@ -240,7 +261,9 @@ class _Worker:
         self.slots = slots  # concurrency when forked: the worker's thread pool is fixed then
         self.state = STARTING
         self.inflight = 0
+        # In flight, and the one sent ahead (which is not counted in inflight).
         self.requests: dict[int, _Request] = {}
+        self.ahead: _Request | None = None
         self.uses = 0
         self.idle_since = 0.0
         self.recycle: str | None = None  # Kill reason once it has nothing in flight
@@ -276,6 +299,7 @@ class _Function:
         "queue",
         "queued",
         "rejected",
+        "service",
         "snap",
         "spare",
         "starting",
@@ -317,6 +341,8 @@ class _Function:
         self.backoff_until = 0.0
         self.last_error: str | None = None
         self.armed: float | None = None
+        # Moving average of invocation times (seconds); inf until one has finished.
+        self.service = math.inf
         self.starts = dict.fromkeys(("warm", "spare", "fork", "cold"), 0)
         self.rejected: dict[str, int] = {}
         self.kills: dict[str, int] = {}
@@ -356,6 +382,7 @@ class Scheduler:
         crash_loop_threshold: int = 3,
         backoff_initial: float = 1.0,
         backoff_max: float = 60.0,
+        send_ahead: bool = False,
     ) -> None:
         if max_host_workers is not None and max_host_workers < 1:
             raise ValueError(f"max_host_workers must be at least 1, got {max_host_workers}")
@@ -368,6 +395,7 @@ class Scheduler:
         self.crash_loop_threshold = crash_loop_threshold
         self.backoff_initial = backoff_initial
         self.backoff_max = backoff_max
+        self.send_ahead = send_ahead
         self._functions: dict[str, _Function] = {}
         self._tenants: dict[str, _Tenant] = {}
         self._workers: dict[int, _Worker] = {}
@@ -380,6 +408,9 @@ class Scheduler:
         self._starved: dict[str, _Function] = {}
         self._starved_spares: dict[str, _Function] = {}
         self._timers: list[tuple[float, int, _TimerOwner]] = []
+        # Entries pushed so far: without a push, next_deadline() can only move later, so a
+        # shell whose timer is armed need not ask again (it asks after every event).
+        self.timer_pushes = 0
         self._seq = itertools.count()
         self._next_wid = 1
 
@@ -476,8 +507,8 @@ class Scheduler:
         tenants: set[_Tenant] = {f.tenant}
         for w in list(f.workers.values()):
             for req in list(w.requests.values()):
-                assert req.tenant is not None
-                tenants.add(req.tenant)
+                if req.tenant is not None:
+                    tenants.add(req.tenant)
                 self._end_request(w, req)
                 out.append(Fail(req.id, 503, f"{reason} while the request was running"))
             self._kill(w, "removed", out)
@@ -743,7 +774,20 @@ class Scheduler:
         now = self._clock()
         out: list[Decision] = []
         f = w.fn
-        self._release(w, req, now, out)
+        if req.state == _AHEAD:
+            # Out of turn: only a hostile worker answers what it has not started (the
+            # daemon refuses that first); drop it rather than corrupt the books.
+            self._end_request(w, req)
+            return out
+        if w.answered:  # a fresh worker's first invocation pays its page faults: not typical
+            took = now - (req.deadline - req.timeout)
+            avg = f.service
+            f.service = took if avg == math.inf else avg + _SERVICE_WEIGHT * (took - avg)
+        if w.ahead is not None:
+            self._end_request(w, req)
+            self._start_ahead(w, now)
+        else:
+            self._release(w, req, now, out)
         f.counters["completed"] += 1
         w.answered = True
         if w.version == f.version:
@@ -773,6 +817,7 @@ class Scheduler:
         out: list[Decision] = []
         f = w.fn
         crashed = self._is_current(w) and not w.answered and not oom
+        self._requeue_ahead(w)
         tenants = self._fail_requests(w, 502, f"worker died: {reason}", out)
         self._forget(w, out)
         f.counters["died"] += 1
@@ -875,6 +920,12 @@ class Scheduler:
             "last_error": f.last_error,
         }
 
+    def sent_ahead(self, worker_id: int) -> int | None:
+        """The request sent ahead to that worker and not started yet, if any: the shell
+        must not answer it when the worker goes (it is dispatched again)."""
+        w = self._workers.get(worker_id)
+        return w.ahead.id if w is not None and w.ahead is not None else None
+
     def host_stats(self) -> dict[str, Any]:
         """Host-wide totals."""
         return {
@@ -973,6 +1024,44 @@ class Scheduler:
         else:
             self._become_idle(w, now)
 
+    def _start_ahead(self, w: _Worker, now: float) -> None:
+        """busy → busy: the request sent ahead starts as the one before it ends (the worker
+        has it already: no Dispatch). It is in flight from now, its timeout running."""
+        req = w.ahead
+        assert req is not None
+        w.ahead = None
+        req.state = _RUNNING
+        w.inflight += 1
+        w.uses += 1
+        f = w.fn
+        req.timeout = req.own_timeout or f.limits.timeout
+        req.deadline = now + req.timeout
+        t = f.tenant
+        req.tenant = t
+        f.inflight += 1
+        t.inflight += 1
+        if f.limits.max_requests and w.uses >= f.limits.max_requests:
+            w.recycle = "recycle"
+            f.free.pop(w.id, None)
+        if w.armed is None or req.deadline < w.armed:
+            self._arm(w, req.deadline)
+
+    def _requeue_ahead(self, w: _Worker) -> None:
+        """The worker is going before it started the request sent ahead: that request goes
+        back to the head of its function's queue (with its age), to be dispatched again."""
+        req = w.ahead
+        if req is None:
+            return
+        w.ahead = None
+        del w.requests[req.id]
+        req.state = _QUEUED
+        f = req.fn
+        f.queue.appendleft(req)
+        f.queued += 1
+        due = req.enqueued + f.limits.queue_timeout
+        if f.armed is None or due < f.armed:
+            self._arm(f, due)
+
     def _begin_draining(self, w: _Worker) -> None:
         """busy → draining: finishes what it holds, takes nothing new, then dies."""
         w.fn.free.pop(w.id, None)
@@ -1041,6 +1130,9 @@ class Scheduler:
     def _end_request(self, w: _Worker, req: _Request) -> None:
         self._answered(req)
         del w.requests[req.id]
+        if req is w.ahead:
+            w.ahead = None  # never started: counted nowhere else
+            return
         w.inflight -= 1
         w.fn.inflight -= 1
         assert req.tenant is not None
@@ -1055,8 +1147,8 @@ class Scheduler:
     ) -> set[_Tenant]:
         tenants: set[_Tenant] = set()
         for req in list(w.requests.values()):
-            assert req.tenant is not None
-            tenants.add(req.tenant)
+            if req.tenant is not None:
+                tenants.add(req.tenant)
             self._end_request(w, req)
             out.append(Fail(req.id, status, reason))
         return tenants
@@ -1130,6 +1222,36 @@ class Scheduler:
             req = self._pop_head(f)
             self._assign(w, req, "cold" if req.cold else start, now, out)
         self._scale(f, now, out)
+        if f.queued and self.send_ahead and f.service <= AHEAD_MAX_SERVICE:
+            self._send_ahead(f, now, out)
+
+    def _send_ahead(self, f: _Function, now: float, out: list[Decision]) -> None:
+        """Queued requests that no free worker or fork on its way will take go ahead to
+        busy process-mode workers of the current version, one each, in FIFO order."""
+        if f.state != SERVING or f.limits.concurrency != 1:
+            return
+        uncovered = f.queued - f.starting
+        for w in f.workers.values():
+            if uncovered <= 0:
+                return
+            if (
+                w.state != BUSY
+                or w.ahead is not None
+                or w.recycle is not None
+                or w.version != f.version
+                or w.slots != 1
+            ):
+                continue
+            running = next(iter(w.requests.values()))
+            if now - (running.deadline - running.timeout) > AHEAD_MAX_SERVICE:
+                continue  # a long one: the request may be served sooner by another
+            req = self._pop_head(f)
+            req.state = _AHEAD
+            req.deadline = math.inf  # its timeout starts with it
+            w.ahead = req
+            w.requests[req.id] = req
+            uncovered -= 1
+            out.append(Dispatch(req.id, w.id, "cold" if req.cold else "warm", ahead=True))
 
     def _scale(self, f: _Function, now: float, out: list[Decision]) -> None:
         """Fork for queued requests no worker can take and for missing spares (or rebuild
@@ -1399,6 +1521,7 @@ class Scheduler:
             return
         if owner.armed is None or when < owner.armed:
             owner.armed = when
+            self.timer_pushes += 1
             heapq.heappush(self._timers, (when, next(self._seq), owner))
 
     def _due(self, owner: _TimerOwner) -> float | None:
@@ -1442,6 +1565,7 @@ class Scheduler:
         f = w.fn
         counts = self._is_current(w)
         tenants: set[_Tenant] = set()
+        self._requeue_ahead(w)
         for req in list(w.requests.values()):
             assert req.tenant is not None
             tenants.add(req.tenant)

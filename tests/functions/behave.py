@@ -25,6 +25,9 @@ def handler(event, context):
         return {"slept": float(params.get("s", "1"))}
     if path.endswith("/raise"):
         raise ValueError("deliberate failure")
+    if path.endswith("/sleep-exit"):
+        time.sleep(float(params.get("s", "1")))
+        os._exit(3)
     if path.endswith("/exit"):
         os._exit(3)
     if path.endswith("/kill"):

@@ -106,6 +106,13 @@ def handler(event, context):
             chan.sendall(_frame(frame))
         time.sleep(seconds)
         return "too late"
+    if path.endswith("/answer-next"):
+        # answer the request sent ahead (the next id) before this one, which it has not run
+        time.sleep(seconds)
+        frame = {"t": "res", "id": _rid(context) + 1, "status": 200, "headers": [], "body": b"!"}
+        _channel().sendall(_frame(frame))
+        time.sleep(seconds)
+        return "answered out of turn"
     if path.endswith("/unknown-type"):
         _channel().sendall(_frame({"t": "inv", "id": _rid(context)}))
         time.sleep(seconds)

@@ -1203,7 +1203,7 @@ class Runtime:
         if worker.channel is not None:
             worker.channel.close("killed")
         self._forget_worker(worker)
-        self._apply(self.scheduler.worker_died(worker.wid, f"killed: {why}"))
+        self._apply(self.scheduler.worker_died(worker.wid, f"killed: {why}", killed=True))
 
     def _started_on(self, worker: WorkerProc) -> list[Pending]:
         """What the worker held, less the request sent ahead that it had not started: the

@@ -801,9 +801,14 @@ class Scheduler:
             self._serve_starved(now, out)
         return out
 
-    def worker_died(self, worker_id: int, reason: str, *, oom: bool = False) -> list[Decision]:
+    def worker_died(
+        self, worker_id: int, reason: str, *, oom: bool = False, killed: bool = False
+    ) -> list[Decision]:
         """A worker crashed or exited (``oom``: the kernel's OOM killer took it): each
-        request it held gets 502.
+        request it held gets 502. The request sent ahead to it is dispatched again if it
+        cannot have started: the worker died on its own, and its channel was read to the
+        end, answers included. ``killed``: the shell killed it at a moment of its choosing,
+        when the invocation before may just have ended and this one begun: 502 as well.
 
         Counts toward the crash loop only as a failure to start: a worker of the serving
         version that dies before it has answered an invocation, of anything but the OOM
@@ -817,7 +822,8 @@ class Scheduler:
         out: list[Decision] = []
         f = w.fn
         crashed = self._is_current(w) and not w.answered and not oom
-        self._requeue_ahead(w)
+        if not killed:
+            self._requeue_ahead(w)
         tenants = self._fail_requests(w, 502, f"worker died: {reason}", out)
         self._forget(w, out)
         f.counters["died"] += 1
@@ -827,6 +833,12 @@ class Scheduler:
             self._crashed(f, f"worker died: {reason}", now, out)
         elif self._is_current(w):
             f.last_error = f"worker died: {reason}"
+        if f.queued and f.state == BACKOFF:
+            # what was sent ahead came back to a function that refuses work meanwhile
+            wait = max(0.0, f.backoff_until - now)
+            self._reject_queue(f, "crash_loop", self._crash_loop_reason(f, now), wait, out)
+        elif f.queued and f.state == FAILED:
+            self._reject_queue(f, "failed", self._failed_reason(f), None, out)
         self._pump(f, now, out)
         for t in tenants:
             self._unblock(t, now, out)
@@ -1565,8 +1577,17 @@ class Scheduler:
         f = w.fn
         counts = self._is_current(w)
         tenants: set[_Tenant] = set()
-        self._requeue_ahead(w)
+        # The request sent ahead is failed, not queued again: the invocation before it may
+        # have finished just before the kill, and then the worker may have started this one.
+        # Run elsewhere it could run twice; a 502 is the honest answer (as for any request
+        # a killed worker held).
         for req in list(w.requests.values()):
+            if req is w.ahead:
+                self._end_request(w, req)
+                out.append(
+                    Fail(req.id, 502, "worker killed: the invocation before it timed out")
+                )
+                continue
             assert req.tenant is not None
             tenants.add(req.tenant)
             self._end_request(w, req)

@@ -588,7 +588,8 @@ def test_kill_all_uses_cgroup_kill(fake: FakeCgroupFS, sleepers: Callable[[], in
     for pid in pids:
         backend.place("acme", pid)
     backend.kill_all("acme")
-    assert fake.kills == [str(fake.group(SERVICE) / "hourai" / "acme")]
+    # (written again if the group is not empty yet at the next look: a loaded machine)
+    assert set(fake.kills) == {str(fake.group(SERVICE) / "hourai" / "acme")}
     assert backend.pids("acme") == []
     assert [exit_signal(pid) for pid in pids] == [signal.SIGKILL, signal.SIGKILL]
 

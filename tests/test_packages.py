@@ -185,8 +185,9 @@ def test_an_unresolvable_requirement_is_refused_with_uvs_reason(hourai_daemon, t
     refused = d.cli("deploy", "fn", str(fn), check=False)
     assert refused.returncode == 1
     assert "requirements cannot be installed: No solution found" in refused.stderr
-    # uv's own words
-    assert "no-such-package was not found in the provided package locations" in refused.stderr
+    # uv's own words (which it wraps to a width of its choosing)
+    words = " ".join(refused.stderr.split())
+    assert "no-such-package was not found in the provided package locations" in words
     assert f"version {v1} keeps serving" in refused.stderr
     assert _invoke(d, "fn")["beta"] == "beta 1.0"
 

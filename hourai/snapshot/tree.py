@@ -420,9 +420,7 @@ class ZygoteTree:
                 node = node.parent
         stopped = []
         for key, node in list(self.nodes.items()):
-            if key not in wanted and not any(
-                getattr(c, "pid", None) and "exit" not in c.info for c in node.children.values()
-            ):
+            if key not in wanted and not node.children:  # (an exit or a drop forgets one)
                 del self.nodes[key]
                 node.stop()
                 stopped.append(node)
@@ -444,7 +442,7 @@ class ZygoteTree:
                 "parent": node.parent.fid if node.parent is not None else "root",
                 "name": node.fid,
                 "functions": users[key],
-                "snapshots": sum(1 for c in node.children.values() if "exit" not in c.info),
+                "snapshots": len(node.children),
                 "ready": node.running,
             }
             for key, node in self.nodes.items()

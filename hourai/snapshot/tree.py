@@ -46,7 +46,7 @@ from typing import Any
 from hourai.fsutil import atomic_write
 from hourai.protocol import Message, Violation, check_zygote_message
 from hourai.snapshot.learn import MAX_MODULES, check_modules
-from hourai.snapshot.manager import ExitStatus, launch, pid_of
+from hourai.snapshot.manager import ExitStatus, kill_pid, launch, pid_of
 
 log = logging.getLogger("hourai.snapshot.tree")
 
@@ -128,10 +128,7 @@ class ZygoteNode:
     def kill(self) -> None:
         self.stopping = True
         if self.pid:
-            try:
-                os.kill(self.pid, 9)
-            except ProcessLookupError:
-                pass
+            kill_pid(self.pid)
 
     # -- from the zygote process (tenant packages' code ran in it: checked, never trusted)
     def _on_message(self, msg: Message, fds: list[int]) -> None:

@@ -186,9 +186,7 @@ class RootZygote:
         self.channel.sock.close()
         self.reaper.close()
         os.close(self.pid_ns)
-        os.dup2(output_fd, 1)
-        os.dup2(output_fd, 2)
-        os.close(output_fd)
+        _output_to(output_fd)
         channel = BlockingChannel(socket.socket(fileno=snapshot_fd))
         # 3. die with the root zygote (and so with the daemon)
         sandbox.die_with_parent(parent_pidfd=self.pidfd)
@@ -299,13 +297,7 @@ class Snapshot:
         init_ms = (time.perf_counter() - started) * 1000
         new = [name for name in sys.modules if name not in inherited]
         self.spec["modules"] = modules = learn.third_party(self.spec.get("cwd"), new)
-        # What the import left behind is shared by every worker: freeze it so their
-        # collections never touch (and so copy) these pages, and (3.12+) make it immortal so
-        # their reads do not either.
-        gc.collect()
-        if self.spec.get("immortalize", True):
-            immortal.immortalize()
-        gc.freeze()
+        _freeze_heap(self.spec.get("immortalize", True))
         self.reaper = _Reaper()
         self.channel.send(
             {
@@ -395,9 +387,7 @@ class Snapshot:
         self.channel.sock.close()
         self.reaper.close()
         os.close(out_r)
-        os.dup2(out_w, 1)
-        os.dup2(out_w, 2)
-        os.close(out_w)
+        _output_to(out_w)
         sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
         sys.stderr.reconfigure(line_buffering=True)  # type: ignore[union-attr]
         # 3. die with the snapshot; keep what the function starts below us, even what
@@ -418,6 +408,23 @@ class Snapshot:
             serve_worker_concurrent(worker_end, self.invoker, concurrency, imports)
         else:
             serve_worker(BlockingChannel(worker_end), self.invoker, self.spec)
+
+
+def _output_to(fd: int) -> None:
+    """Our stdout and stderr go to ``fd``, the daemon's pipe for this process's output."""
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+
+
+def _freeze_heap(immortalize: bool) -> None:
+    """What is imported now is shared by everything forked from us: collect once, then
+    freeze it so their collections never touch (and so copy) these pages, and (3.12+) make
+    it immortal so their reads do not either."""
+    gc.collect()
+    if immortalize:
+        immortal.immortalize()
+    gc.freeze()
 
 
 def _kill_strays(children: dict[int, Any]) -> None:
@@ -476,10 +483,7 @@ class PackageZygote:
         started = time.perf_counter()
         invocation_context.install()  # before the imports, as in a snapshot
         loaded, failed = preload(self.spec.get("preload", ()))
-        gc.collect()
-        if self.spec.get("immortalize", True):
-            immortal.immortalize()
-        gc.freeze()
+        _freeze_heap(self.spec.get("immortalize", True))
         self.reaper = _Reaper()
         self.channel.send(
             {
@@ -536,9 +540,7 @@ class PackageZygote:
         sandbox.reset_signals()
         self.channel.sock.close()
         self.reaper.close()
-        os.dup2(output_fd, 1)
-        os.dup2(output_fd, 2)
-        os.close(output_fd)
+        _output_to(output_fd)
         channel = BlockingChannel(socket.socket(fileno=snapshot_fd))
         sandbox.die_with_parent(os.getppid())  # same uid: the death signal stays set
         sandbox.child_subreaper()  # what escapes our workers stays ours to kill

@@ -262,15 +262,16 @@ class Daemon:
         runtime = self.runtime
         inflight = len(runtime.pending)
         self.notifier.stopping(f"draining {inflight} requests")
+        for server in self.servers:
+            server.close()
+        for conn in list(self.connections):
+            conn.shutdown()
+        # Said once it is true: whoever reads this line and connects is refused.
         log.info(
             "stopping: no new connections; %d requests in flight get up to %gs",
             inflight,
             self.config.drain_timeout,
         )
-        for server in self.servers:
-            server.close()
-        for conn in list(self.connections):
-            conn.shutdown()
         if self.invocations is not None:
             self.invocations.pause()  # queued events wait for the next start
         drain = asyncio.ensure_future(runtime.drain(self.config.drain_timeout))

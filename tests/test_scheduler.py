@@ -224,6 +224,27 @@ def test_queued_requests_are_served_fifo_as_workers_free_up() -> None:
     assert order == rids
 
 
+def test_requests_sent_ahead_to_workers_that_die_go_back_in_arrival_order() -> None:
+    h = Host(send_ahead=True)
+    h.serving(limits=FunctionLimits(spares=0, max_workers=2))
+    h.warm_workers("f", 2)
+    for _ in range(4):  # answered by warm workers: the function's service time is known
+        rid, _ = h.submit()
+        h.s.finished(h.worker_of("f", rid), rid)
+    h.submit()  # one running on each worker
+    h.submit()
+    r3, o3 = h.submit()
+    r4, o4 = h.submit()
+    ahead = {d.request_id: d.worker_id for d in of(Dispatch, o3 + o4) if d.ahead}
+    assert set(ahead) == {r3, r4}, (o3, o4)
+    # the worker holding the older request dies first
+    out = h.s.worker_died(ahead[r3], "exit 1") + h.s.worker_died(ahead[r4], "exit 1")
+    order = []
+    for wid in forks(out):
+        order += [d.request_id for d in h.s.worker_ready(wid) if isinstance(d, Dispatch)]
+    assert order == [r3, r4]
+
+
 def test_cancelled_queued_request_is_skipped_and_its_fork_becomes_a_spare() -> None:
     h = Host()
     h.serving(limits=FunctionLimits(spares=1, max_workers=3))

@@ -216,13 +216,15 @@ class _Request:
         "fn",
         "id",
         "own_timeout",
+        "seq",
         "state",
         "tenant",
         "timeout",
     )
 
-    def __init__(self, rid: int, fn: _Function, now: float, cold: bool) -> None:
+    def __init__(self, rid: int, seq: int, fn: _Function, now: float, cold: bool) -> None:
         self.id = rid
+        self.seq = seq  # arrival order: the queue is kept in it
         self.fn = fn
         self.enqueued = now
         self.cold = cold
@@ -396,6 +398,7 @@ class Scheduler:
         self.backoff_initial = backoff_initial
         self.backoff_max = backoff_max
         self.send_ahead = send_ahead
+        self._arrivals = 0
         self._functions: dict[str, _Function] = {}
         self._tenants: dict[str, _Tenant] = {}
         self._workers: dict[int, _Worker] = {}
@@ -591,7 +594,8 @@ class Scheduler:
             refusal = self._rate_limited(f, request_id, now)
             if refusal is not None:
                 return [*out, refusal]
-        req = _Request(request_id, f, now, f.snap != SNAP_READY)
+        self._arrivals += 1
+        req = _Request(request_id, self._arrivals, f, now, f.snap != SNAP_READY)
         req.own_timeout = timeout
         self._requests[request_id] = req
         if not f.queued and (f.free or f.spare) and self._room(f) > 0:
@@ -1060,7 +1064,9 @@ class Scheduler:
 
     def _requeue_ahead(self, w: _Worker) -> None:
         """The worker is going before it started the request sent ahead: that request goes
-        back to the head of its function's queue (with its age), to be dispatched again."""
+        back into its function's queue in its place by arrival (with its age), to be
+        dispatched again. Not simply at the head: two workers holding requests sent ahead
+        may die in either order."""
         req = w.ahead
         if req is None:
             return
@@ -1068,7 +1074,11 @@ class Scheduler:
         del w.requests[req.id]
         req.state = _QUEUED
         f = req.fn
-        f.queue.appendleft(req)
+        q = f.queue
+        at = 0  # the queue is short where the ones sent ahead came from: its head
+        while at < len(q) and (q[at].state != _QUEUED or q[at].seq < req.seq):
+            at += 1
+        q.insert(at, req)
         f.queued += 1
         due = req.enqueued + f.limits.queue_timeout
         if f.armed is None or due < f.armed:

@@ -123,6 +123,7 @@ class BatchConsumer:
         }
 
     async def run(self) -> None:
+        """Fetch, invoke, ack until cancelled."""
         slots = asyncio.Semaphore(self.concurrency)
         backoff = ERROR_BACKOFF[0]
         try:
@@ -133,6 +134,7 @@ class BatchConsumer:
                         await slots.acquire()  # back-pressure: fetch only what can run
                         try:
                             batch = await self._collect()
+                            _raise_if_cancelled()
                         except BaseException:
                             slots.release()
                             raise
@@ -147,6 +149,7 @@ class BatchConsumer:
                 except asyncio.CancelledError:
                     raise
                 except Exception as exc:
+                    _raise_if_cancelled()
                     if self.error != str(exc):
                         log.error("%s: trigger %s: %s", self.function, self.source.description, exc)
                     self.error = str(exc)
@@ -236,3 +239,12 @@ class BatchConsumer:
             self.counts["batches_partial" if failed else "batches_ok"] += 1
         finally:
             self.inflight -= 1
+
+
+def _raise_if_cancelled() -> None:
+    """A cancel the client library swallowed still stops the consumer: redis-py can turn a
+    cancel that lands during a blocking read into a timeout error (or a result), and the
+    loop would run on, unstoppable, keeping the daemon's shutdown waiting for ever."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError

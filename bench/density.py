@@ -717,7 +717,7 @@ def _run(ctx: BenchContext, root: Path) -> dict[str, Any]:
     steps = [size, 2 * size] if ctx.quick else _steps(ctx)
     warm_until = int(os.environ.get("HOURAI_DENSITY_WARM_UNTIL") or steps[-1])
     k = 2 if ctx.quick else 10
-    repeats = 2 if ctx.quick else 5
+    repeats = 1 if ctx.quick else 5
     print(f"fleet: {fleet.note}", flush=True)
     print(
         f"tenants of {size} functions each, the same mix in each: "

@@ -156,7 +156,7 @@ def _tenant(client: Client, name: str) -> dict:
 
 
 def run(ctx: BenchContext) -> dict:
-    n, settle = (8, 1.5) if ctx.quick else (40, 3.0)
+    n, settle = (4, 0.5) if ctx.quick else (40, 3.0)
     result: dict[str, object] = {
         "limits": {"memory_max": MEMORY_MAX, "pids_max": PIDS_MAX, "cpu_max": None},
         "light_work_iterations": LIGHT_WORK,

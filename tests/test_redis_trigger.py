@@ -188,7 +188,7 @@ def test_a_consumer_cancelled_at_any_moment_stops(redis_url: str) -> None:  # no
 
     async def main() -> None:
         rng = random.Random(2028)
-        for _ in range(80):
+        for _ in range(40):
             task = asyncio.create_task(_consumer(redis_url, invoke).run())
             await asyncio.sleep(rng.random() * 0.03)
             await _stopped(task)

@@ -182,9 +182,15 @@ FASTAPI = REPO / "examples" / "fastapi_app" / "app.py"
 APPS = [("flask", FLASK, "flask", "wsgi"), ("fastapi", FASTAPI, "fastapi", "asgi3")]
 
 
-def measure_app(target: Path, preload: str | None, n: int) -> dict[str, list[float]]:
-    """The import-heavy case: fork and cold paths of a real framework app."""
+def measure_app(
+    target: Path, preload: str | None, n: int, warmup: bool = False
+) -> dict[str, list[float]]:
+    """The import-heavy case: fork and cold paths of a real framework app (``warmup``: its
+    snapshot serves ``/`` once before forking, so workers find the framework's lazy
+    first-request work done)."""
     args = ["--spares", "0", "--keep-alive", "0"] + (["--preload", preload] if preload else [])
+    if warmup:
+        args += ["--warmup", "/"]
     server = BenchServer(target, *args)
     try:
         fork, cold = [], []
@@ -271,10 +277,10 @@ def run(ctx: BenchContext) -> dict:
     m = 3 if ctx.quick else 20
     rows = []
     for label, app, framework, interface in APPS:
-        runs = {
-            "preloaded": measure_app(app, framework, m),
-            "not preloaded": measure_app(app, None, m),
-        }
+        runs = {"preloaded": measure_app(app, framework, m)}
+        if not ctx.quick:  # (tests/test_warmup.py has the feature; quick only has to run)
+            runs["preloaded, warm-up"] = measure_app(app, framework, m, warmup=True)
+        runs["not preloaded"] = measure_app(app, None, m)
         base = summarize(uvicorn_per_request(app, interface, max(2, m // 4)))
         apps[label] = {"uvicorn_per_request": base}
         rows.append([label, "uvicorn per request", base["p50_ms"], base["p99_ms"], 1.0])

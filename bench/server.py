@@ -65,7 +65,13 @@ async def main(args: argparse.Namespace) -> None:
         timeout=args.timeout,
     )
     await runtime.deploy(
-        build_spec(runtime.codestore, "fn", resolve_target(args.target), limits=limits)
+        build_spec(
+            runtime.codestore,
+            "fn",
+            resolve_target(args.target),
+            limits=limits,
+            warmup=tuple(args.warmup),
+        )
     )
     # More functions under /<name>/ (path routing), each with its tenant and CPU limit.
     for extra in args.also:
@@ -139,6 +145,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-workers", type=int, default=8)
     parser.add_argument("--concurrency", type=int, default=1, help=">1: thread isolation")
     parser.add_argument("--preload", action="append", default=[])
+    parser.add_argument("--warmup", action="append", default=[], help="served by the snapshot")
     parser.add_argument("--timeout", type=float, default=30.0)
     parser.add_argument("--profile", metavar="FILE", help="cProfile the daemon, stats to FILE")
     parser.add_argument("--mortal", action="store_true", help="no immortal objects (3.12+)")

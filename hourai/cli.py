@@ -87,6 +87,13 @@ def add_run_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[typ
         action="store_true",
         help="ATTR is an application factory (default create_app), called once in the snapshot",
     )
+    p.add_argument(
+        "--warmup",
+        action="append",
+        default=[],
+        metavar="REQUEST",
+        help="a request the snapshot serves before forking workers, e.g. / (repeatable)",
+    )
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8080, help="port (default 8080; 0 picks a free one)")
     p.add_argument(
@@ -312,6 +319,7 @@ async def serve_one(  # type: ignore[no-untyped-def]
     args: argparse.Namespace, target, env, limits, resources
 ) -> int:
     from hourai.codestore import CodeStoreError
+    from hourai.config import parse_warmup
     from hourai.daemon import DeployError, Router, Runtime, RuntimeSettings, http_handler
     from hourai.ingress import serve
     from hourai.packages import PackageError
@@ -325,6 +333,10 @@ async def serve_one(  # type: ignore[no-untyped-def]
     )
     runtime = Runtime(RuntimeSettings(preloads=args.preload, packages=index))
     name = function_name(target)
+    try:
+        warmup = parse_warmup(args.warmup)
+    except ValueError as exc:
+        raise UsageError(f"--warmup: {exc}") from None
     resolved: dict[str, list[str] | None] = {}
 
     def packages() -> list[str] | None:
@@ -351,6 +363,7 @@ async def serve_one(  # type: ignore[no-untyped-def]
             limits=limits,
             resources=resources,
             packages=packages(),
+            warmup=warmup,
         )
 
     try:

@@ -76,6 +76,13 @@ def add_daemon_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore
         action="store_true",
         help="ATTR is an application factory (default create_app), called once in the snapshot",
     )
+    p.add_argument(
+        "--warmup",
+        action="append",
+        metavar="REQUEST",
+        help="a request its snapshot serves before forking workers, e.g. / or 'GET /status' "
+        "(repeatable): a framework's lazy first-request work, done once for all workers",
+    )
     p.add_argument("--tenant", help="the tenant it runs as (default: [defaults] tenant)")
     p.add_argument("--memory", metavar="SIZE", help="the tenant's memory limit, e.g. 256M")
     p.add_argument("--cpu", metavar="CORES", help="the tenant's CPU quota, e.g. 0.5")
@@ -288,6 +295,7 @@ def cmd_deploy(args: argparse.Namespace) -> int:
         "max_response_size": args.max_response_size,
         "env": env or None,
         "schedule": args.schedule,
+        "warmup": args.warmup,
         "async_retries": args.async_retries,
         "async_max_age": args.async_max_age,
         "async_concurrency": args.async_concurrency,

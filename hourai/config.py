@@ -235,6 +235,8 @@ DEPLOY_KEYS: dict[str, Callable[[Any], Any]] = {
     "trigger": _trigger,
     # imported by its snapshot before its code (and by its zygote: hourai.snapshot.tree)
     "preload": lambda value: _modules(value),  # (defined with the daemon keys below)
+    # served by its snapshot before it forks (see hourai.isolate.worker.prime)
+    "warmup": lambda value: parse_warmup(value),
 }
 
 
@@ -376,6 +378,30 @@ def _modules(value: Any) -> tuple[str, ...]:
     for name in value:
         if not all(part.isidentifier() for part in name.split(".")):
             raise ValueError(f"{name!r} is not a module name")
+    return tuple(value)
+
+
+WARMUP_MAX = 8  # requests a snapshot serves before it forks
+
+
+def parse_warmup(value: Any) -> tuple[str, ...]:
+    """``["/", "POST /render"]``: requests (``[METHOD ]PATH[?QUERY]``) its snapshot serves."""
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ValueError(f'must be a list of requests such as ["/", "POST /x"], got {value!r}')
+    if len(value) > WARMUP_MAX:
+        raise ValueError(f"at most {WARMUP_MAX} warm-up requests, got {len(value)}")
+    for request in value:
+        method, _, path = request.rpartition(" ")
+        if (
+            not path.startswith("/")
+            or len(request) > 1024
+            or not path.isprintable()
+            or (method and not (method.isalpha() and method.isupper()))
+        ):
+            raise ValueError(
+                f"{request!r} is not a request: a path such as /status, after an optional "
+                "method (GET /status)"
+            )
     return tuple(value)
 
 

@@ -780,6 +780,7 @@ class Runtime:
             "cgroup_procs": self.cgroups.procs_files(spec.tenant),
             "rlimits": {"core": 0, "nofile": self.settings.worker_nofile},
             "concurrency": spec.limits.concurrency,
+            "warmup": list(spec.warmup),
             "sandbox": sandboxed,
             "immortalize": self.settings.immortalize,
             "tmp_size": spec.limits.tmp_size,

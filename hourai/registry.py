@@ -48,6 +48,9 @@ class FunctionSpec:
     # Modules its snapshot imports before its code (``preload`` in its hourai.toml): the
     # imports its handler would do lazily, done once for every worker.
     preload: tuple[str, ...] = ()
+    # Requests its snapshot serves before it forks (``warmup``): the lazy work of a
+    # framework's first request, done once for every worker (see isolate.worker.prime).
+    warmup: tuple[str, ...] = ()
 
 
 def build_spec(
@@ -62,6 +65,7 @@ def build_spec(
     resources: TenantLimits | None = None,
     packages: list[str] | None = None,
     preload: tuple[str, ...] = (),
+    warmup: tuple[str, ...] = (),
 ) -> FunctionSpec:
     """Freeze the function's code into the store and name the version.
 
@@ -80,6 +84,8 @@ def build_spec(
         fields.append(packages)
     if preload:
         fields.append(["preload", *preload])
+    if warmup:
+        fields.append(["warmup", *warmup])
     identity = json.dumps(fields, separators=(",", ":"))
     version = hashlib.sha256(identity.encode()).hexdigest()[:12]
     return FunctionSpec(
@@ -94,6 +100,7 @@ def build_spec(
         source_root=target.root,
         packages=tuple(packages) if packages is not None else None,
         preload=tuple(preload),
+        warmup=tuple(warmup),
     )
 
 

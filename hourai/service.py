@@ -511,6 +511,7 @@ class Daemon:
             source_root=entry.source_root,
             packages=tuple(entry.packages) if entry.packages is not None else None,
             preload=tuple(entry.options.get("preload", ())),
+            warmup=tuple(entry.options.get("warmup", ())),
         )
 
     def _check_packages(self, spec: FunctionSpec) -> None:
@@ -653,6 +654,7 @@ class Daemon:
                     limits=limits,
                     packages=packages,
                     preload=tuple(options.get("preload", ())),
+                    warmup=tuple(options.get("warmup", ())),
                 )
                 code = Path(spec.target.root).name
                 self._pinned[code] += 1

@@ -28,6 +28,7 @@ import select
 import socket
 import sys
 import threading
+import time
 import traceback
 from collections import deque
 from collections.abc import Callable
@@ -85,6 +86,52 @@ def warm_up(invoker: Invoker) -> None:
     else:
         adapters.build_scope(inv)
     encode({"t": "res", "id": 0, "status": 200, "headers": [["content-type", "x"]], "body": b""})
+
+
+def prime(invoker: Invoker, requests: list[str] | tuple[str, ...]) -> float:
+    """Serve the function's declared warm-up requests (``warmup`` in its hourai.toml) in the
+    snapshot, before it forks anything: what a framework does lazily on its first request
+    (Flask compiles its URL map, templates are parsed and cached) is then done once and
+    shared by every worker, instead of paid by each in its first request. Like SnapStart's
+    priming; opt-in, since it runs the function's code for real. Returns the milliseconds.
+
+    Raises StartupError if one fails or leaves a thread behind (a fork keeps no thread but
+    the one forking: a pool's thread would be gone in every worker, its locks held)."""
+    from hourai.isolate.adapters import StartupError
+
+    started = time.perf_counter()
+    before = threading.active_count()
+    for i, request in enumerate(requests):
+        method, _, target = request.rpartition(" ")
+        path, _, query = target.partition("?")
+        inv = {
+            **_DUMMY,
+            "id": i,
+            "method": method or "GET",
+            "path": path,
+            "query": query,
+            "headers": [["host", "warm-up"], ["user-agent", "hourai warm-up"]],
+            "request_id": f"warm-up-{i}",
+        }
+        reply = run_invocation(invoker, inv)
+        status = reply.get("status", 500)
+        if 400 <= status < 500:  # primed all the same, but likely a mistaken path
+            print(f"hourai: warm-up request {request!r} answered {status}", file=sys.stderr)
+        if reply["t"] != "res" or status >= 500:
+            raise StartupError(
+                f"warm-up request {request!r} answered {status}: {reply.get('error', '')}".rstrip(
+                    ": "
+                )
+                + " (its traceback is in the function's log)"
+            )
+    left = threading.active_count() - before
+    if left > 0:
+        names = ", ".join(t.name for t in threading.enumerate() if t is not threading.main_thread())
+        raise StartupError(
+            f"the warm-up requests left {left} thread(s) running ({names}): a worker forked "
+            "now would inherit their locks but not them; warm up without starting threads"
+        )
+    return (time.perf_counter() - started) * 1000
 
 
 class ChannelOutlet(Outlet):

@@ -34,7 +34,7 @@ from hourai.isolate import sandbox
 from hourai.isolate.adapters import Invoker, StartupError
 from hourai.isolate.loader import LoadError, Target, load
 from hourai.isolate.tracebacks import show_as, user_paths
-from hourai.isolate.worker import serve_worker, serve_worker_concurrent
+from hourai.isolate.worker import prime, serve_worker, serve_worker_concurrent
 from hourai.packages import importpath
 from hourai.snapshot import immortal, learn
 
@@ -279,6 +279,10 @@ class Snapshot:
                 target, self.spec.get("kind"), multithread=self.spec.get("concurrency", 1) > 1
             )
             invoker.startup()
+            warmup = self.spec.get("warmup") or ()
+            if warmup:
+                ms = prime(invoker, warmup)
+                print(f"hourai: {len(warmup)} warm-up requests served in {ms:.1f} ms", flush=True)
         except (LoadError, StartupError) as exc:
             self.channel.send(
                 {"t": "failed", "error": str(exc), "details": user_paths(exc.details)}

@@ -1,0 +1,107 @@
+"""Warm-up requests (``warmup`` / ``--warmup``): served by the snapshot before it forks, so a
+framework's lazy first-request work is done once and every worker finds it done; one that
+fails, or leaves a thread behind, refuses the deploy and the previous version serves on."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import pytest
+from conftest import HouraiProcess, request
+
+from hourai.config import ConfigError, parse_function_options
+
+APP = textwrap.dedent(
+    """
+    import os
+    import threading
+    import time
+
+    from flask import Flask
+
+    app = Flask(__name__)
+    LAZY = {}  # what a framework makes on its first request, in whichever process serves it
+
+    @app.route("/")
+    def index():
+        LAZY.setdefault("made_in", os.getpid())
+        return {"made_in": LAZY["made_in"], "served_by": os.getpid()}
+
+    @app.route("/boom")
+    def boom():
+        raise RuntimeError("no database yet")
+
+    @app.route("/spawn")
+    def spawn():
+        threading.Thread(target=time.sleep, args=(60,), daemon=True, name="poller").start()
+        return "started"
+    """
+)
+
+
+@pytest.fixture
+def app_dir(tmp_path: Path) -> Path:
+    tmp_path.chmod(0o755)  # the tenant's uid reads the code
+    (tmp_path / "app.py").write_text(APP)
+    return tmp_path
+
+
+def test_the_snapshot_serves_the_warm_up_once_for_every_worker(hourai_daemon, app_dir) -> None:
+    d = hourai_daemon("[defaults]\nspares = 0\nmax_workers = 2\n")
+    d.cli("deploy", "primed", f"{app_dir}/app.py", "--warmup", "/")
+    d.cli("deploy", "plain", f"{app_dir}/app.py")
+    primed = [d.get("/primed/").json() for _ in range(2)]
+    plain = d.get("/plain/").json()
+    # Without the warm-up the worker made it in its first request; with it, the snapshot
+    # did, before forking: the worker only reads it.
+    assert plain["made_in"] == plain["served_by"]
+    for doc in primed:
+        assert doc["made_in"] != doc["served_by"], doc
+    assert primed[0]["made_in"] == primed[1]["made_in"]
+    assert "1 warm-up requests served" in d.cli("logs", "primed").stdout
+
+
+def test_hourai_run_takes_warmup_too(app_dir: Path) -> None:
+    proc = HouraiProcess(
+        ["run", "--port", "0", "--spares", "0", "--warmup", "GET /", f"{app_dir}/app.py"]
+    )
+    try:
+        proc.wait_serving()
+        doc = request(proc.port, "/").json()
+        assert doc["made_in"] != doc["served_by"], doc
+    finally:
+        proc.stop()
+
+
+@pytest.mark.parametrize(
+    ("path", "reason"),
+    [
+        ("/boom", "warm-up request '/boom' answered 500 (its traceback is in the function's log)"),
+        ("/spawn", "the warm-up requests left 1 thread(s) running (poller)"),
+    ],
+)
+def test_a_warm_up_that_fails_refuses_the_deploy_and_the_old_version_serves_on(
+    hourai_daemon, app_dir: Path, path: str, reason: str
+) -> None:
+    d = hourai_daemon("[defaults]\nspares = 0\n")
+    d.cli("deploy", "shop", f"{app_dir}/app.py")
+    bad = d.cli("deploy", "shop", f"{app_dir}/app.py", "--warmup", path, check=False)
+    assert bad.returncode != 0
+    assert reason in bad.stderr, bad.stderr
+    reply = d.get("/shop/")
+    assert reply.status == 200 and reply.json()["made_in"] == reply.json()["served_by"]
+    if path == "/boom":
+        assert "RuntimeError: no database yet" in d.cli("logs", "shop").stdout
+
+
+@pytest.mark.parametrize(
+    "value",
+    ["/", ["status"], ["get /"], ["/"] * 9, [1]],
+)
+def test_warm_up_requests_are_checked(value: object) -> None:
+    with pytest.raises(ConfigError, match="warmup"):
+        parse_function_options({"warmup": value}, "hourai.toml")
+    assert parse_function_options({"warmup": ["/", "POST /render?x=1"]}, "hourai.toml") == {
+        "warmup": ("/", "POST /render?x=1")
+    }

@@ -298,10 +298,13 @@ class _ProcessWorker:
             self.answer(inv, outlet, reply)
 
 
-def serve_worker(channel: BlockingChannel, invoker: Invoker, spec: dict[str, Any]) -> None:
+def serve_worker(
+    channel: BlockingChannel, invoker: Invoker, imports: learn.ImportWatch | None
+) -> None:
+    """Process mode: one invocation at a time. ``imports`` was made by the snapshot, before
+    it forked: made here it would copy every module name's page in (a refcount each)."""
     if not select.select([channel.sock], [], [], 0)[0]:
         warm_up(invoker)  # nothing is waiting: we are a spare, pay the page faults now
-    imports = learn.ImportWatch(spec.get("cwd"), spec.get("modules", ()))
     worker = _ProcessWorker(channel, invoker, imports)
     loop = getattr(invoker, "loop", None) if invoker.is_async else None
     if loop is None:

@@ -260,6 +260,7 @@ class Snapshot:
         self.channel = channel
         self.spec = spec
         self.invoker: Invoker | None = None
+        self.imports: learn.ImportWatch | None = None
         self.children: dict[int, int] = {}  # pid -> wid of our workers
 
     def run(self) -> None:
@@ -301,6 +302,8 @@ class Snapshot:
         init_ms = (time.perf_counter() - started) * 1000
         new = [name for name in sys.modules if name not in inherited]
         self.spec["modules"] = modules = learn.third_party(self.spec.get("cwd"), new)
+        # Made once here, before the fork, for every worker: what they import beyond this.
+        self.imports = learn.ImportWatch(self.spec.get("cwd"), modules)
         _freeze_heap(self.spec.get("immortalize", True))
         self.reaper = _Reaper()
         self.channel.send(
@@ -408,10 +411,9 @@ class Snapshot:
         self.invoker.after_fork()
         concurrency = self.spec.get("concurrency", 1)
         if concurrency > 1:
-            imports = learn.ImportWatch(self.spec.get("cwd"), self.spec.get("modules", ()))
-            serve_worker_concurrent(worker_end, self.invoker, concurrency, imports)
+            serve_worker_concurrent(worker_end, self.invoker, concurrency, self.imports)
         else:
-            serve_worker(BlockingChannel(worker_end), self.invoker, self.spec)
+            serve_worker(BlockingChannel(worker_end), self.invoker, self.imports)
 
 
 def _output_to(fd: int) -> None:

@@ -4,6 +4,7 @@ fails, or leaves a thread behind, refuses the deploy and the previous version se
 
 from __future__ import annotations
 
+import signal
 import textwrap
 from pathlib import Path
 
@@ -60,6 +61,12 @@ def test_the_snapshot_serves_the_warm_up_once_for_every_worker(hourai_daemon, ap
         assert doc["made_in"] != doc["served_by"], doc
     assert primed[0]["made_in"] == primed[1]["made_in"]
     assert "1 warm-up requests served" in d.cli("logs", "primed").stdout
+    # a restart restores the function with its warm-up
+    d.proc.send_signal(signal.SIGTERM)
+    assert d.proc.wait(30) == 0
+    again = hourai_daemon("[defaults]\nspares = 0\nmax_workers = 2\n")
+    doc = again.get("/primed/").json()
+    assert doc["made_in"] != doc["served_by"], doc
 
 
 def test_hourai_run_takes_warmup_too(app_dir: Path) -> None:

@@ -84,7 +84,7 @@ def test_hourai_run_takes_warmup_too(app_dir: Path) -> None:
 @pytest.mark.parametrize(
     ("path", "reason"),
     [
-        ("/boom", "warm-up request '/boom' answered 500 (its traceback is in the function's log)"),
+        ("/boom", "warm-up request '/boom' answered 500 (see the function's log)"),
         ("/spawn", "the warm-up requests left 1 thread(s) running (poller)"),
     ],
 )
@@ -100,6 +100,18 @@ def test_a_warm_up_that_fails_refuses_the_deploy_and_the_old_version_serves_on(
     assert reply.status == 200 and reply.json()["made_in"] == reply.json()["served_by"]
     if path == "/boom":
         assert "RuntimeError: no database yet" in d.cli("logs", "shop").stdout
+
+
+def test_a_handler_that_raises_in_its_warm_up_says_what_it_raised(tmp_path: Path) -> None:
+    tmp_path.chmod(0o755)
+    (tmp_path / "handler.py").write_text(
+        "def handler(event, context):\n    raise KeyError('tables')\n"
+    )
+    proc = HouraiProcess(["run", "--port", "0", "--warmup", "/", f"{tmp_path}/handler.py"])
+    try:
+        proc.wait_for(r"warm-up request '/' raised KeyError: 'tables'")
+    finally:
+        proc.stop()
 
 
 @pytest.mark.parametrize(

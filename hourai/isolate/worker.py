@@ -114,16 +114,18 @@ def prime(invoker: Invoker, requests: list[str] | tuple[str, ...]) -> float:
             "request_id": f"warm-up-{i}",
         }
         reply = run_invocation(invoker, inv)
-        status = reply.get("status", 500)
-        if 400 <= status < 500:  # primed all the same, but likely a mistaken path
-            print(f"hourai: warm-up request {request!r} answered {status}", file=sys.stderr)
-        if reply["t"] != "res" or status >= 500:
+        if reply["t"] == "err":
             raise StartupError(
-                f"warm-up request {request!r} answered {status}: {reply.get('error', '')}".rstrip(
-                    ": "
-                )
-                + " (its traceback is in the function's log)"
+                f"warm-up request {request!r} raised {reply['error']} "
+                "(its traceback is in the function's log)"
             )
+        status = reply["status"]
+        if status >= 500:
+            raise StartupError(
+                f"warm-up request {request!r} answered {status} (see the function's log)"
+            )
+        if status >= 400:  # primed all the same, but likely a mistaken path
+            print(f"hourai: warm-up request {request!r} answered {status}", file=sys.stderr)
     left = threading.active_count() - before
     if left > 0:
         names = ", ".join(t.name for t in threading.enumerate() if t is not threading.main_thread())

@@ -1075,9 +1075,11 @@ class Scheduler:
         req.state = _QUEUED
         f = req.fn
         q = f.queue
-        at = 0  # the queue is short where the ones sent ahead came from: its head
-        while at < len(q) and (q[at].state != _QUEUED or q[at].seq < req.seq):
-            at += 1
+        at = len(q)
+        for i, other in enumerate(q):  # (it came from near the head: a short walk)
+            if other.state == _QUEUED and other.seq > req.seq:
+                at = i
+                break
         q.insert(at, req)
         f.queued += 1
         due = req.enqueued + f.limits.queue_timeout

@@ -50,6 +50,8 @@ def test_quick_suite_writes_results_for_every_part(tmp_path) -> None:
         assert apps[app]["uvicorn_per_request"]["n"] > 0
     burst = doc["parts"]["burst"]["runs"][0]
     assert burst["all_answered"] and burst["answered_200"] == burst["requests"]
+    for same_again in (burst["warm_pool"], burst["floor"]):
+        assert same_again["all_answered"] and same_again["requests"] == burst["requests"]
     isolation = doc["parts"]["isolation"]
     for mode in ("adaptive off", "adaptive on"):
         cases = isolation[mode]

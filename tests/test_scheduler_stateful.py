@@ -551,6 +551,14 @@ class SchedulerMachine(RuleBasedStateMachine):
             assert stats["inflight"] == self._running(fn)
 
     @invariant()
+    def sent_ahead_counts_agree(self) -> None:
+        """The count that lets a busy function skip the search for a worker to send ahead
+        to matches the workers that hold one (a wrong count sends none, or walks for none)."""
+        for f in self.s._functions.values():
+            holding = sum(1 for w in f.workers.values() if w.ahead is not None)
+            assert f.aheads == holding, (f.name, f.aheads, holding)
+
+    @invariant()
     def refused_functions_hold_no_queue(self) -> None:
         for fn in self.s.functions():
             stats = self.s.stats(fn)

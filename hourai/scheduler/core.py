@@ -280,6 +280,7 @@ class _Worker:
 
 class _Function:
     __slots__ = (
+        "aheads",
         "armed",
         "backoff",
         "backoff_until",
@@ -337,6 +338,7 @@ class _Function:
         self.queue: deque[_Request] = deque()
         self.queued = 0  # live requests in the queue
         self.inflight = 0
+        self.aheads = 0  # workers holding a request sent ahead
         self.state = BUILDING
         self.crashes = 0  # consecutive start crashes (see _crashed) since the function last ran
         self.backoff = backoff  # length of the current (or next) backoff
@@ -1046,6 +1048,7 @@ class Scheduler:
         req = w.ahead
         assert req is not None
         w.ahead = None
+        w.fn.aheads -= 1
         req.state = _RUNNING
         w.inflight += 1
         w.uses += 1
@@ -1071,6 +1074,7 @@ class Scheduler:
         if req is None:
             return
         w.ahead = None
+        w.fn.aheads -= 1
         del w.requests[req.id]
         req.state = _QUEUED
         f = req.fn
@@ -1156,6 +1160,7 @@ class Scheduler:
         del w.requests[req.id]
         if req is w.ahead:
             w.ahead = None  # never started: counted nowhere else
+            w.fn.aheads -= 1
             return
         w.inflight -= 1
         w.fn.inflight -= 1
@@ -1252,8 +1257,8 @@ class Scheduler:
     def _send_ahead(self, f: _Function, now: float, out: list[Decision]) -> None:
         """Queued requests that no free worker or fork on its way will take go ahead to
         busy process-mode workers of the current version, one each, in FIFO order."""
-        if f.state != SERVING or f.limits.concurrency != 1:
-            return
+        if f.state != SERVING or f.limits.concurrency != 1 or f.aheads >= len(f.workers):
+            return  # (the last: every worker holds one already, the steady state under load)
         uncovered = f.queued - f.starting
         for w in f.workers.values():
             if uncovered <= 0:
@@ -1273,6 +1278,7 @@ class Scheduler:
             req.state = _AHEAD
             req.deadline = math.inf  # its timeout starts with it
             w.ahead = req
+            f.aheads += 1
             w.requests[req.id] = req
             uncovered -= 1
             out.append(Dispatch(req.id, w.id, "cold" if req.cold else "warm", ahead=True))
@@ -1295,6 +1301,14 @@ class Scheduler:
             self._starved_spares.pop(f.name, None)
             if f.snap == SNAP_ABSENT and f.queued and f.pending is None:
                 self._build_version(f, out, fresh=False)
+            return
+        if len(f.workers) >= lim.max_workers and (
+            self.max_host_workers is None or len(self._workers) <= self.max_host_workers
+        ):
+            # At its ceiling, with the host not over its own: nothing to fork (the steady
+            # state of a busy function, on every request; what follows would conclude so).
+            self._starved.pop(f.name, None)
+            self._starved_spares.pop(f.name, None)
             return
         room = self._room(f)
         demand = min(f.queued, room) if room > 0 else 0

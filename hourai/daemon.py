@@ -205,6 +205,9 @@ class Pending:
     streamable: bool = False  # the caller takes a streaming response (HTTP ingress)
     stream: WorkerStream | None = None  # its head was answered; the body is on its way
     status: int = 0  # a streaming response's status, for the log at its end
+    # The future's callback for a caller that gives up; taken off before the answer is set,
+    # so that an answered request costs the loop no callback that would find nothing to do.
+    gave_up: Callable[[asyncio.Future[Response]], None] | None = None
 
 
 @dataclass(eq=False)
@@ -899,7 +902,8 @@ class Runtime:
                     return future
             self.resources.request_started(spec.name, now)
         self.pending[rid] = pending
-        future.add_done_callback(partial(self._gave_up, pending))
+        pending.gave_up = partial(self._gave_up, pending)
+        future.add_done_callback(pending.gave_up)
         if not (self.debugger.sessions and self.debugger.take(pending)):
             self._apply(self.scheduler.submit(rid, spec.name, timeout))
         return future
@@ -921,8 +925,11 @@ class Runtime:
             text = response.body.decode("utf-8", "replace").strip()
             self._end_stream(pending, f"{response.status} {text}")
             return
-        if not pending.future.done():
-            pending.future.set_result(response)
+        future = pending.future
+        if not future.done():
+            if pending.gave_up is not None:
+                future.remove_done_callback(pending.gave_up)
+            future.set_result(response)
         if pending.trace is not None:
             self._trace_done(pending, response)
         self._record(pending, response.status)
@@ -1139,10 +1146,13 @@ class Runtime:
         pending.stream = stream
         pending.status = head.status
         head.stream = stream
-        if pending.future.done():  # the client left before the head came
+        future = pending.future
+        if future.done():  # the client left before the head came
             stream.cancel()
         else:
-            pending.future.set_result(head)
+            if pending.gave_up is not None:
+                future.remove_done_callback(pending.gave_up)
+            future.set_result(head)
 
     def _stream_chunk(self, worker: WorkerProc, msg: dict[str, Any]) -> None:
         pending = worker.inflight.get(msg["id"])

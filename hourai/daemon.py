@@ -221,6 +221,7 @@ class WorkerProc:
     inflight: dict[int, Pending] = field(default_factory=dict)
     killed: bool = False
     exit: ExitStatus | None = None
+    tenant: str = ""
     oom_mark: int = 0  # the tenant's OOM kill count when forked: a later rise means OOM
     # Wall-clock ns of the fork (asked, ready), for the trace of the request it started.
     fork_ns: tuple[int, int] = (0, 0)
@@ -1361,7 +1362,15 @@ class Runtime:
             self._refill_timer = None
         refills, self._refills = self._refills, []
         for handle, wid in refills:
-            handle.fork(wid)
+            self._fork(handle, wid)
+
+    def _fork(self, handle: SnapshotHandle, wid: int) -> None:
+        worker = self.workers.get(wid)
+        if worker is not None:
+            # Before the fork is asked for: a later count above it means the kernel's OOM
+            # killer took one of the tenant's processes while this worker lived.
+            worker.oom_mark = self.cgroups.oom_kill_count(worker.tenant)
+        handle.fork(wid)
 
     def _apply(self, decisions: list[Decision]) -> None:
         dispatched = False
@@ -1398,19 +1407,21 @@ class Runtime:
                 version = self.versions.get((d.function, d.version))
                 worker = WorkerProc(d.worker_id, d.function, d.version)
                 worker.fork_ns = (time.time_ns(), 0)
-                if version is not None:
-                    worker.oom_mark = self.cgroups.oom_kill_count(version.spec.tenant)
                 self.workers[d.worker_id] = worker
                 if version is None or version.handle is None:
                     self.loop.call_soon(self._fork_failed, d.worker_id, "snapshot is gone")
-                elif dispatched:
+                    continue
+                worker.tenant = version.spec.tenant
+                if dispatched:
                     # A fork that follows a dispatch refills the spare it used: let the
-                    # request run first (on 2 cores a concurrent fork doubles its latency).
+                    # request run first (on 2 cores a concurrent fork doubles its latency),
+                    # and its invocation leave in this turn's write, before the fork's
+                    # bookkeeping (the OOM mark is a cgroup file read).
                     self._refills.append((version.handle, d.worker_id))
                     if self._refill_timer is None:
                         self._refill_timer = self.loop.call_later(REFILL_DELAY, self._flush_refills)
                 else:
-                    version.handle.fork(d.worker_id)
+                    self._fork(version.handle, d.worker_id)
             elif isinstance(d, Kill):
                 worker = self.workers.get(d.worker_id)
                 if worker is not None:

@@ -149,6 +149,19 @@ def hourai_run() -> Iterator:
         proc.stop()
 
 
+def snapshot_processes(proc: HouraiProcess) -> list:  # type: ignore[type-arg]
+    """The snapshot processes of a `hourai run` (psutil): children of its root zygote."""
+    import psutil
+
+    root = psutil.Process(proc.proc.pid).children()
+    return [s for z in root for s in z.children()]
+
+
+def worker_processes(proc: HouraiProcess) -> list:  # type: ignore[type-arg]
+    """Its live worker processes (psutil): the snapshots' children, zombies left out."""
+    return [w for s in snapshot_processes(proc) for w in s.children() if w.status() != "zombie"]
+
+
 def host_pid(root: int, reply: dict) -> int:  # type: ignore[type-arg]
     """The host's pid of the process that answered ``reply`` (its ``pid`` and ``pidns``, the
     inode of its /proc/self/ns/pid), searched below the hourai process ``root``.

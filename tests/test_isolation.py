@@ -13,7 +13,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import FUNCTIONS, host_pid, request, wait_until
+from conftest import FUNCTIONS, host_pid, request, wait_until, worker_processes
 
 from hourai.cgroup import detect
 
@@ -91,6 +91,18 @@ def test_unbounded_allocation_is_oom_killed_inside_the_tenant(hourai_run) -> Non
     # the tenant's next request is served by a fresh worker; the daemon lived through it
     again = request(hog.port, "/whoami")
     assert again.status == 200 and again.start == "fork"
+    assert hog.proc.poll() is None
+
+
+def test_an_oom_kill_is_named_for_a_spare_forked_to_refill_another(hourai_run) -> None:
+    # A refill's fork is sent after the request that used the spare (its OOM mark with it):
+    # the second worker is such a refill, and its death is still told apart as an OOM kill.
+    hog = hourai_run(PROBE, "--tenant", "hog", "--memory", "96M", "--spares", "1")
+    for _ in range(2):
+        wait_until(lambda: len(worker_processes(hog)) == 1, timeout=10)  # the spare
+        reply = request(hog.port, "/alloc")
+        assert reply.status == 502 and reply.start == "spare"
+        assert b"OOM" in reply.body and b"96 MiB memory limit" in reply.body
     assert hog.proc.poll() is None
 
 

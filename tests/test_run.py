@@ -11,7 +11,17 @@ import time
 
 import psutil
 import pytest
-from conftest import EXAMPLES, FUNCTIONS, REPO, HouraiProcess, host_pid, request, wait_until
+from conftest import (
+    EXAMPLES,
+    FUNCTIONS,
+    REPO,
+    HouraiProcess,
+    host_pid,
+    request,
+    snapshot_processes,
+    wait_until,
+    worker_processes,
+)
 
 BEHAVE = str(FUNCTIONS / "behave.py")
 
@@ -49,11 +59,11 @@ def test_warm_reuse_then_start_paths(hourai_run) -> None:
 
 def test_spare_is_prefored_and_refilled(hourai_run) -> None:
     proc = hourai_run(BEHAVE, "--spares", "1")
-    wait_until(lambda: len(_workers(proc)) == 1)  # the spare, forked after the snapshot
+    wait_until(lambda: len(worker_processes(proc)) == 1)  # the spare, forked after the snapshot
     first = request(proc.port, "/pid")
     assert first.start == "spare"
     # a replacement spare is forked off the request path
-    wait_until(lambda: len(_workers(proc)) == 2)
+    wait_until(lambda: len(worker_processes(proc)) == 2)
     assert request(proc.port, "/pid").start == "warm"
 
 
@@ -71,7 +81,7 @@ def test_idle_workers_are_reaped_but_the_snapshot_stays(hourai_run) -> None:
     first = request(proc.port, "/pid").json()
     pid = host_pid(proc.proc.pid, first)
     wait_until(lambda: not psutil.pid_exists(pid) or psutil.Process(pid).status() == "zombie")
-    assert _snapshots(proc), "the snapshot must outlive its idle workers"
+    assert snapshot_processes(proc), "the snapshot must outlive its idle workers"
     again = request(proc.port, "/pid")
     assert again.start == "fork"
     assert again.json()["pid"] != first["pid"]
@@ -256,21 +266,12 @@ def test_a_failed_deploy_never_listens(tmp_path) -> None:
 
 def test_sigterm_stops_every_process_of_the_tree(hourai_run) -> None:
     proc = hourai_run(BEHAVE, "--spares", "2")
-    wait_until(lambda: len(_workers(proc)) == 2)
+    wait_until(lambda: len(worker_processes(proc)) == 2)
     tree = psutil.Process(proc.proc.pid).children(recursive=True)
     assert len(tree) == 4  # root zygote, snapshot, two spares
     assert proc.stop() == 0
     _gone, alive = psutil.wait_procs(tree, timeout=10)
     assert not alive
-
-
-def _snapshots(proc: HouraiProcess) -> list[psutil.Process]:
-    root = psutil.Process(proc.proc.pid).children()
-    return [s for z in root for s in z.children()]
-
-
-def _workers(proc: HouraiProcess) -> list[psutil.Process]:
-    return [w for s in _snapshots(proc) for w in s.children() if w.status() != "zombie"]
 
 
 @pytest.mark.parametrize("entry", ["concurrent", "concurrent_async"])
@@ -306,7 +307,7 @@ def test_client_going_away_mid_request_costs_only_that_invocation(hourai_run) ->
     proc = hourai_run(BEHAVE, "--spares", "0", "--max-workers", "1")
     with socket.create_connection(("127.0.0.1", proc.port)) as s:
         s.sendall(b"GET /sleep?s=0.5 HTTP/1.1\r\nHost: x\r\n\r\n")
-        wait_until(lambda: len(_workers(proc)) == 1)  # it reached a worker
+        wait_until(lambda: len(worker_processes(proc)) == 1)  # it reached a worker
     # the only worker finishes (or never got) the abandoned call, then serves the next one
     reply = request(proc.port, "/pid")
     assert reply.status == 200

@@ -282,10 +282,28 @@ class V1Backend:
         # The "oom_kill" line of memory.oom_control (Linux 4.13+) counts kills of processes
         # in this group. Older kernels lack it; then OOM kills cannot be told apart from
         # other SIGKILLs and this stays 0.
-        self._require(tenant)
-        with self._errors(f"reading memory.oom_control of {tenant!r}"):
-            control = self._memory(tenant).oom_control
-        return int(control.get("oom_kill", 0)) if isinstance(control, dict) else 0
+        # Read on every fork (the mark a worker's death is compared with): the file itself,
+        # not through a fresh cgroupspy node and a check of every hierarchy's directory,
+        # which took about 4x as long (0.13 ms) on the request path.
+        group = os.path.join(
+            self.hierarchies["memory"].own_dir, self.subtree, validate_name(tenant)
+        )
+        try:
+            with open(os.path.join(group, "memory.oom_control")) as f:
+                control = f.read()
+        except FileNotFoundError:
+            raise CgroupError(
+                f"tenant {tenant!r} has no cgroup ({group}); create() it first"
+            ) from None
+        except OSError as exc:
+            raise CgroupError(
+                f"cgroup v1: reading memory.oom_control of {tenant!r}: {exc.strerror or exc}"
+            ) from exc
+        for line in control.splitlines():
+            key, _, value = line.partition(" ")
+            if key == "oom_kill":
+                return int(value)
+        return 0
 
     def oom_killed_since(self, tenant: str, mark: int) -> bool:
         return self.oom_kill_count(tenant) > mark

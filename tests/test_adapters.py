@@ -835,3 +835,59 @@ def test_asgi_protocol_violations_are_errors(messages: list[dict[str, Any]], err
 
     with pytest.raises(RuntimeError, match=error):
         AsgiInvoker(app, "app").invoke(make_inv())
+
+
+# -- a spare's warm-up walk ---------------------------------------------------------------------
+
+_COUNTING = {
+    "handler": """
+        calls = []
+        def handler(event, context):
+            calls.append(context.aws_request_id)
+            return {"statusCode": 200, "body": "mine"}
+    """,
+    "async handler": """
+        calls = []
+        async def handler(event, context):
+            calls.append(context.aws_request_id)
+            return {"statusCode": 200, "body": "mine"}
+    """,
+    "wsgi": """
+        calls = []
+        def app(environ, start_response):
+            calls.append(environ["PATH_INFO"])
+            start_response("200 OK", [("content-type", "text/plain")])
+            return [b"mine"]
+    """,
+    "asgi": """
+        calls = []
+        async def app(scope, receive, send):
+            if scope["type"] != "http":
+                return
+            calls.append(scope["path"])
+            await receive()
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            await send({"type": "http.response.body", "body": b"mine"})
+    """,
+}
+
+
+@pytest.mark.parametrize("kind", list(_COUNTING))
+def test_a_spares_warm_up_walk_runs_the_adapter_but_never_the_function(
+    tmp_path: Path, kind: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from hourai.isolate.worker import run_invocation, run_invocation_async, warm_up
+
+    invoker = load_file(tmp_path, _COUNTING[kind], name=f"counting_{kind.replace(' ', '_')}.py")
+    invoker.startup()
+    module = sys.modules[f"counting_{kind.replace(' ', '_')}"]
+    warm_up(invoker)
+    assert module.calls == []  # nothing of the tenant's ran
+    assert capsys.readouterr().err == ""  # and the walk did not fail on the way
+    inv = make_inv(path="/real", request_id="r-1")
+    if invoker.is_async:
+        reply = invoker.loop.run_until_complete(run_invocation_async(invoker, inv))
+    else:
+        reply = run_invocation(invoker, inv)
+    assert reply["status"] == 200 and reply["body"] == b"mine"
+    assert len(module.calls) == 1  # the real request, after it

@@ -264,7 +264,7 @@ class Runtime:
         self._tasks: set[asyncio.Task[Any]] = set()
         self.observers: list[Observer] = []
         self.started = time.time()
-        self._refills: list[tuple[SnapshotHandle, int]] = []
+        self._refills: list[tuple[SnapshotHandle, int, bool]] = []
         self._refill_timer: asyncio.TimerHandle | None = None
         self._own_state_dir = self.settings.state_dir is None
         self.state_dir = self.settings.state_dir or Path(tempfile.mkdtemp(prefix="hourai-"))
@@ -1361,16 +1361,16 @@ class Runtime:
             self._refill_timer.cancel()
             self._refill_timer = None
         refills, self._refills = self._refills, []
-        for handle, wid in refills:
-            self._fork(handle, wid)
+        for handle, wid, spare in refills:
+            self._fork(handle, wid, spare)
 
-    def _fork(self, handle: SnapshotHandle, wid: int) -> None:
+    def _fork(self, handle: SnapshotHandle, wid: int, spare: bool) -> None:
         worker = self.workers.get(wid)
         if worker is not None:
             # Before the fork is asked for: a later count above it means the kernel's OOM
             # killer took one of the tenant's processes while this worker lived.
             worker.oom_mark = self.cgroups.oom_kill_count(worker.tenant)
-        handle.fork(wid)
+        handle.fork(wid, spare=spare)
 
     def _apply(self, decisions: list[Decision]) -> None:
         dispatched = False
@@ -1417,11 +1417,11 @@ class Runtime:
                     # request run first (on 2 cores a concurrent fork doubles its latency),
                     # and its invocation leave in this turn's write, before the fork's
                     # bookkeeping (the OOM mark is a cgroup file read).
-                    self._refills.append((version.handle, d.worker_id))
+                    self._refills.append((version.handle, d.worker_id, d.spare))
                     if self._refill_timer is None:
                         self._refill_timer = self.loop.call_later(REFILL_DELAY, self._flush_refills)
                 else:
-                    self._fork(version.handle, d.worker_id)
+                    self._fork(version.handle, d.worker_id, d.spare)
             elif isinstance(d, Kill):
                 worker = self.workers.get(d.worker_id)
                 if worker is not None:

@@ -9,8 +9,9 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from conftest import HouraiProcess, request
+from conftest import HouraiProcess, request, wait_until
 
+from hourai.client import Client
 from hourai.config import ConfigError, parse_function_options
 
 APP = textwrap.dedent(
@@ -24,10 +25,17 @@ APP = textwrap.dedent(
     app = Flask(__name__)
     LAZY = {}  # what a framework makes on its first request, in whichever process serves it
 
+    RAN_IN = []  # every process that ran "/", the warm-up's path
+
     @app.route("/")
     def index():
         LAZY.setdefault("made_in", os.getpid())
+        RAN_IN.append(os.getpid())
         return {"made_in": LAZY["made_in"], "served_by": os.getpid()}
+
+    @app.route("/ran")
+    def ran():
+        return {"ran_in": RAN_IN, "me": os.getpid()}
 
     @app.route("/boom")
     def boom():
@@ -67,6 +75,25 @@ def test_the_snapshot_serves_the_warm_up_once_for_every_worker(hourai_daemon, ap
     again = hourai_daemon("[defaults]\nspares = 0\nmax_workers = 2\n")
     doc = again.get("/primed/").json()
     assert doc["made_in"] != doc["served_by"], doc
+
+
+def test_a_spare_serves_the_warm_up_again_in_itself_and_a_fork_for_a_request_does_not(
+    hourai_daemon, app_dir
+) -> None:
+    d = hourai_daemon("[defaults]\nmax_workers = 2\nkeep_alive = 60\n")
+    d.cli("deploy", "spared", f"{app_dir}/app.py", "--warmup", "/", "--spares", "1")
+    d.cli("deploy", "forked", f"{app_dir}/app.py", "--warmup", "/", "--spares", "0")
+    client = Client(d.socket)
+    wait_until(lambda: client.stats()["functions"]["spared"]["workers"]["spare"] == 1)
+    spare = d.get("/spared/ran")
+    assert spare.start == "spare"
+    doc = spare.json()
+    # the snapshot's run, then the spare's own, before this request reached it
+    assert len(doc["ran_in"]) == 2 and doc["ran_in"][1] == doc["me"], doc
+    fork = d.get("/forked/ran")
+    assert fork.start == "fork"
+    doc = fork.json()
+    assert doc["me"] not in doc["ran_in"] and len(doc["ran_in"]) == 1, doc
 
 
 def test_hourai_run_takes_warmup_too(app_dir: Path) -> None:

@@ -121,11 +121,13 @@ class DropSnapshot:
 @dataclass(frozen=True, slots=True)
 class Fork:
     """Fork a worker from that snapshot under this id; answer with worker_ready or
-    fork_failed (or worker_died)."""
+    fork_failed (or worker_died). ``spare``: it is forked ahead of demand, to wait for a
+    request (it may still take a queued one when ready)."""
 
     function: str
     version: str
     worker_id: int
+    spare: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -959,7 +961,7 @@ class Scheduler:
 
     # ----------------------------------------------------------------- worker transitions
 
-    def _fork(self, f: _Function, out: list[Decision]) -> None:
+    def _fork(self, f: _Function, out: list[Decision], spare: bool = False) -> None:
         """(none) → starting."""
         wid = self._next_wid
         self._next_wid += 1
@@ -970,7 +972,7 @@ class Scheduler:
         f.counts[STARTING] += 1
         f.starting += 1
         f.counters["forks"] += 1
-        out.append(Fork(f.name, f.version, wid))
+        out.append(Fork(f.name, f.version, wid, spare))
 
     def _become_spare(self, w: _Worker) -> None:
         """starting → spare: kept unused for the next request while the snapshot serves."""
@@ -1333,8 +1335,10 @@ class Scheduler:
                 n_spare = host - n_demand
             else:
                 self._starved_spares.pop(f.name, None)
-        for _ in range(n_demand + n_spare):
+        for _ in range(n_demand):
             self._fork(f, out)
+        for _ in range(n_spare):
+            self._fork(f, out, spare=True)
 
     def _evict(self, n: int, needy: _Function, out: list[Decision]) -> int:
         """Kill up to n idle workers (least recently idle first), then spares, of functions

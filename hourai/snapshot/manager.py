@@ -291,11 +291,12 @@ class SnapshotHandle:
     # What forked it: the root zygote, or a package zygote (hourai.snapshot.tree)
     parent: Any = None
 
-    def fork(self, wid: int) -> None:
+    def fork(self, wid: int, *, spare: bool = False) -> None:
+        """``spare``: the worker waits for a request, and may prime itself meanwhile."""
         if self.channel is None or self.channel.closed:
             self.events.fork_failed(wid, "snapshot is gone")
             return
-        self.channel.send({"t": "fork", "wid": wid})
+        self.channel.send({"t": "fork", "wid": wid, "spare": spare})
 
     def stop(self) -> None:
         """Ask the snapshot to kill its workers and exit; its channel closing does the rest."""

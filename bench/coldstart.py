@@ -5,6 +5,8 @@ For each path the client sends one request and times it to the last byte of the 
 - inline: answered by hourai's ingress itself (no worker) — the floor under ``warm``;
 - warm:   an idle worker that served before takes it;
 - spare:  a pre-forked, never-used worker takes it (a replacement is forked off the path);
+- spare-warmup: the same, for the function deployed with ``--warmup /`` (its snapshot and
+  each spare serve ``/`` once before their first request);
 - warm-gap: warm again, after the same idle gap as the spare and fork samples (on a VM an
   idle vCPU is slow to wake; this separates that from the start path's own cost);
 - fork:   the snapshot forks a worker for it;
@@ -33,8 +35,18 @@ from bench.httpclient import Client
 REPO = Path(__file__).resolve().parents[1]
 HELLO = REPO / "examples" / "hello" / "handler.py"
 
-# Goals from DESIGN.md, reported against (never asserted: the machine is shared and noisy).
-GOALS = {"warm_added_p50_ms": 0.150, "spare_p50_ms": 0.5, "fork_p50_ms": 2.0, "fork_p99_ms": 5.0}
+# Goals from DESIGN.md and issue 14, reported against (never asserted: the machine is shared
+# and noisy). The spare's is relative: its p50 over warm-gap's, the same worker after the
+# same idle gap.
+GOALS = {
+    "warm_added_p50_ms": 0.150,
+    "spare_p50_ms": 0.5,
+    "spare_over_warm_gap_p50_ms": 0.2,
+    "spare_warmup_over_warm_gap_p50_ms": 0.2,
+    "fork_p50_ms": 2.0,
+    "fork_p99_ms": 5.0,
+    "flask_fork_p50_ms": 5.0,
+}
 
 
 class BenchServer:
@@ -104,14 +116,15 @@ def measure_paths(target: Path, n: int) -> dict[str, list[float]]:
             samples["warm-gap"].append(warm.sample("/", "warm"))
     finally:
         warm.stop()
-    spare = BenchServer(target, "--spares", "1", "--keep-alive", "0")
-    try:
-        samples["spare"] = []
-        for _ in range(n):
-            _settle()
-            samples["spare"].append(spare.sample("/", "spare"))
-    finally:
-        spare.stop()
+    for key, extra in (("spare", ()), ("spare-warmup", ("--warmup", "/"))):
+        spare = BenchServer(target, "--spares", "1", "--keep-alive", "0", *extra)
+        try:
+            samples[key] = []
+            for _ in range(n):
+                _settle()
+                samples[key].append(spare.sample("/", "spare"))
+        finally:
+            spare.stop()
     fork = BenchServer(target, "--spares", "0", "--keep-alive", "0")
     try:
         samples["fork"] = []
@@ -260,9 +273,12 @@ def run(ctx: BenchContext) -> dict:
         [k, s["n"], s["p50_ms"], s["p99_ms"], python_p50 / s["p50_ms"]] for k, s in stats.items()
     ]
     print(table(["path", "n", "p50 ms", "p99 ms", "x faster than fresh python (p50)"], rows))
+    gap = stats["warm-gap"]["p50_ms"]
     goals = {
         "warm_added_p50_ms": added,
         "spare_p50_ms": stats["spare"]["p50_ms"],
+        "spare_over_warm_gap_p50_ms": stats["spare"]["p50_ms"] - gap,
+        "spare_warmup_over_warm_gap_p50_ms": stats["spare-warmup"]["p50_ms"] - gap,
         "fork_p50_ms": stats["fork"]["p50_ms"],
         "fork_p99_ms": stats["fork"]["p99_ms"],
     }
@@ -299,6 +315,18 @@ def run(ctx: BenchContext) -> dict:
                 )
     print()
     print(table(["app", "path", "p50 ms", "p99 ms", "x faster than uvicorn per request"], rows))
+    # Flask's fork path at its best: with its warm-up declared (not run in a quick run).
+    flask_fork = apps["flask"].get("fork (preloaded, warm-up)") or apps["flask"]["fork (preloaded)"]
+    verdicts["flask_fork_p50_ms"] = {
+        "measured": flask_fork["p50_ms"],
+        "goal": GOALS["flask_fork_p50_ms"],
+        "met": flask_fork["p50_ms"] <= GOALS["flask_fork_p50_ms"],
+    }
+    met = "met" if verdicts["flask_fork_p50_ms"]["met"] else "NOT met"
+    print(
+        f"goal flask_fork_p50_ms: {flask_fork['p50_ms']:.3f} ms vs <= "
+        f"{GOALS['flask_fork_p50_ms']} ms: {met}"
+    )
     flask_cold = apps["flask"]["cold (preloaded)"]["p50_ms"]
     flask_base = apps["flask"]["uvicorn_per_request"]["p50_ms"]
     verdicts["flask_cold_10x"] = {
@@ -330,7 +358,17 @@ def _plot(samples: dict[str, list[float]], path: Path) -> None:
 
     order = [
         k
-        for k in ("inline", "warm", "warm-gap", "spare", "fork", "fork-floor", "cold", "python")
+        for k in (
+            "inline",
+            "warm",
+            "warm-gap",
+            "spare",
+            "spare-warmup",
+            "fork",
+            "fork-floor",
+            "cold",
+            "python",
+        )
         if k in samples
     ]
     fig, ax = plt.subplots(figsize=(8, 4))

@@ -35,13 +35,26 @@ def test_quick_suite_writes_results_for_every_part(tmp_path) -> None:
     assert doc["machine"]["cpu_count"] and doc["machine"]["python"]
     assert doc["machine"]["versions"]["hourai"]
     paths = doc["parts"]["coldstart"]["paths"]
-    for path in ("inline", "warm", "warm-gap", "spare", "fork", "cold", "python", "fork-floor"):
+    for path in (
+        "inline",
+        "warm",
+        "warm-gap",
+        "spare",
+        "spare-warmup",
+        "fork",
+        "cold",
+        "python",
+        "fork-floor",
+    ):
         assert paths[path]["n"] > 0 and paths[path]["p50_ms"] > 0
     assert set(doc["parts"]["coldstart"]["goals"]) == {
         "warm_added_p50_ms",
         "spare_p50_ms",
+        "spare_over_warm_gap_p50_ms",
+        "spare_warmup_over_warm_gap_p50_ms",
         "fork_p50_ms",
         "fork_p99_ms",
+        "flask_fork_p50_ms",
         "flask_cold_10x",
     }
     apps = doc["parts"]["coldstart"]["apps"]

@@ -881,7 +881,7 @@ def test_a_spares_warm_up_walk_runs_the_adapter_but_never_the_function(
     invoker = load_file(tmp_path, _COUNTING[kind], name=f"counting_{kind.replace(' ', '_')}.py")
     invoker.startup()
     module = sys.modules[f"counting_{kind.replace(' ', '_')}"]
-    warm_up(invoker)
+    assert warm_up(invoker)  # the walk went through
     assert module.calls == []  # nothing of the tenant's ran
     assert capsys.readouterr().err == ""  # and the walk did not fail on the way
     inv = make_inv(path="/real", request_id="r-1")

@@ -65,14 +65,18 @@ _DUMMY = {
 }
 
 
-def warm_up(invoker: Invoker) -> None:
+def warm_up(invoker: Invoker) -> bool:
     """Walk the worker's own request path once, through a stand-in for the function.
+    Returns whether the walk went through (it is only a head start: failing, it says why
+    on stderr, and whoever called it serves all the same).
 
     A fresh fork shares every page with its snapshot; the first request then pays a
     copy-on-write fault (several microseconds on a VM) for each page it writes to, and
     runs each of hourai's functions on its way for the first time in this process. A spare
     has time to pay that before its first request; a worker forked for a waiting request
-    does not, and skips this (see serve_worker). The stand-in is an invoker of the
+    does not, and skips this (see serve_worker). A sync function's snapshot walks it too,
+    before it forks, so that what the interpreter specialises is done once (Snapshot.run).
+    The stand-in is an invoker of the
     function's kind around a function of hourai's that answers at once, so the decoder, the
     invocation context, the adapter and the encoder all run as for a real request, and
     nothing of the tenant's. (The stand-in, against the decoder and adapter helpers alone:
@@ -89,8 +93,14 @@ def warm_up(invoker: Invoker) -> None:
         else:
             reply = run_invocation(stand_in, inv)
         encode(reply)
-    except Exception as exc:  # only a head start: the worker serves all the same
-        print(f"hourai: a spare's warm-up walk failed: {exc!r}", file=sys.stderr, flush=True)
+    except Exception as exc:
+        print(
+            f"hourai: the walk of hourai's request path failed: {exc!r}",
+            file=sys.stderr,
+            flush=True,
+        )
+        return False
+    return True
 
 
 def _stand_in(invoker: Invoker) -> Invoker:

@@ -310,7 +310,8 @@ class Snapshot:
             # (nothing of the tenant's), until the interpreter has specialised its code:
             # each worker then finds that done instead of rewriting it, page by page.
             for _ in range(SNAPSHOT_WALKS):
-                warm_up(invoker)
+                if not warm_up(invoker):
+                    break
         # Made once here, before the fork, for every worker: what they import beyond this.
         self.imports = learn.ImportWatch(self.spec.get("cwd"), modules)
         _freeze_heap(self.spec.get("immortalize", True))

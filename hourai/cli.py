@@ -92,7 +92,8 @@ def add_run_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[typ
         action="append",
         default=[],
         metavar="REQUEST",
-        help="a request the snapshot serves before forking workers, e.g. / (repeatable)",
+        help="a request the snapshot serves before forking workers, and each spare again "
+        "before its first request, e.g. / (repeatable)",
     )
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8080, help="port (default 8080; 0 picks a free one)")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -46,6 +47,30 @@ def test_process_tree_is_daemon_zygote_snapshot_worker(hourai_run) -> None:
     assert host_pid(proc.proc.pid, {**info, "pid": info["imported_in"]}) == snapshot.pid
     assert root_zygote.parent().pid == proc.proc.pid
     assert "hourai.snapshot.zygote" in " ".join(root_zygote.cmdline())
+
+
+@pytest.mark.parametrize("spares", ["0", "1"])
+def test_a_worker_starts_with_default_signals_whatever_its_zygote_handled(
+    hourai_run, spares: str
+) -> None:
+    # The zygotes handle SIGCHLD, SIGTERM and others, with a wakeup fd; a worker (forked for
+    # the request, or a spare) must not inherit any of it: a function's subprocess needs
+    # SIGCHLD's default, and a blocked or handled SIGTERM would outlive a stop.
+    proc = hourai_run(BEHAVE, "--spares", spares)
+    wait_until(lambda: len(worker_processes(proc)) == int(spares))
+    reply = request(proc.port, "/signals")
+    assert reply.start == ("spare" if spares == "1" else "fork")
+    doc = reply.json()
+    default, ignored = int(signal.SIG_DFL), int(signal.SIG_IGN)
+    assert doc["handlers"] == {
+        "SIGCHLD": default,
+        "SIGTERM": default,
+        "SIGINT": default,
+        "SIGHUP": default,
+        "SIGPIPE": ignored,  # as Python starts: a write to a closed pipe raises, not kills
+    }
+    assert doc["blocked"] == 0
+    assert doc["wakeup_fd"] == -1
 
 
 def test_warm_reuse_then_start_paths(hourai_run) -> None:

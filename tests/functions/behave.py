@@ -38,6 +38,17 @@ def handler(event, context):
         return "printed"
     if path.endswith("/env"):
         return dict(os.environ)
+    if path.endswith("/signals"):
+        with open("/proc/self/status") as f:
+            status = dict(line.split(":\t", 1) for line in f.read().splitlines())
+        names = ("SIGCHLD", "SIGTERM", "SIGINT", "SIGHUP", "SIGPIPE")
+        handlers = {n: signal.getsignal(getattr(signal, n)) for n in names}
+        return {
+            # SIG_DFL and SIG_IGN as ints; a Python handler by its name
+            "handlers": {n: h if isinstance(h, int) else repr(h) for n, h in handlers.items()},
+            "blocked": int(status["SigBlk"], 16),
+            "wakeup_fd": signal.set_wakeup_fd(-1),
+        }
     if path.endswith("/echo"):
         return {
             "statusCode": 201,

@@ -327,20 +327,32 @@ class FunctionLogs(Observer):
             index, offset = index + 1, 0
         return b"".join(out).decode("utf-8", "replace"), f"{file_ino}:{offset}"
 
-    async def wait(self, function: str, timeout: float) -> None:
-        """Until something is written to the function's log, or ``timeout`` seconds."""
-        fut = asyncio.get_running_loop().create_future()
+    def watch(self, function: str) -> asyncio.Future[None]:
+        """A future done at the next write to the function's log. Taken before a read, it
+        catches a line written while the read ran, which a wait begun after would miss."""
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiters.setdefault(function, []).append(fut)
+        return fut
+
+    def unwatch(self, function: str, fut: asyncio.Future[None]) -> None:
+        waiters = self._waiters.get(function)
+        if waiters and fut in waiters:
+            waiters.remove(fut)
+            if not waiters:
+                del self._waiters[function]
+
+    async def wait(
+        self, function: str, timeout: float, watched: asyncio.Future[None] | None = None
+    ) -> None:
+        """Until something is written to the function's log (since ``watched`` was taken,
+        if given), or ``timeout`` seconds."""
+        fut = watched if watched is not None else self.watch(function)
         try:
             await asyncio.wait_for(fut, timeout)
         except TimeoutError:
             pass
         finally:
-            waiters = self._waiters.get(function)
-            if waiters and fut in waiters:
-                waiters.remove(fut)
-                if not waiters:
-                    del self._waiters[function]
+            self.unwatch(function, fut)
 
 
 def _read(path: Path, offset: int, limit: int | None) -> tuple[int, bytes]:

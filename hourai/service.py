@@ -974,13 +974,18 @@ class Daemon:
         if cursor is None:
             text, cursor = await asyncio.to_thread(logs.tail, name, 100 if lines is None else lines)
             return {"text": text, "cursor": cursor}
+        # Watched before the read: a line written while it runs (in a thread) still wakes us.
+        watched = logs.watch(name) if wait > 0 else None
         try:
             text, after = await asyncio.to_thread(logs.read, name, cursor)
+            if not text and watched is not None and self.phase != "stopping":
+                await logs.wait(name, wait, watched)
+                text, after = await asyncio.to_thread(logs.read, name, cursor)
         except ValueError as exc:
             raise ApiError(400, str(exc)) from None
-        if not text and wait > 0 and self.phase != "stopping":
-            await logs.wait(name, wait)
-            text, after = await asyncio.to_thread(logs.read, name, cursor)
+        finally:
+            if watched is not None:
+                logs.unwatch(name, watched)
         return {"text": text, "cursor": after}
 
     # ------------------------------------------------------------------ views

@@ -245,6 +245,23 @@ def test_a_reader_waits_for_the_next_line(tmp_path) -> None:
     assert asyncio.run(main()).endswith("[fn#1] late\n")
 
 
+def test_a_line_written_between_a_read_and_the_wait_still_wakes_the_reader(tmp_path) -> None:
+    # The follower reads (in a thread) and waits only if it found nothing; a line written
+    # in between must not be missed until the wait's timeout.
+    async def main() -> float:
+        logs = FunctionLogs(tmp_path / "logs")
+        _, cursor = logs.tail("fn", 10)
+        watched = logs.watch("fn")
+        assert logs.read("fn", cursor)[0] == ""  # nothing yet
+        logs.function_output("fn", "fn#1", "meanwhile")  # written before the wait begins
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        await logs.wait("fn", 30, watched)
+        return loop.time() - started
+
+    assert asyncio.run(main()) < 1
+
+
 def test_a_log_that_cannot_be_written_costs_lines_not_the_daemon(tmp_path, caplog) -> None:
     logs = FunctionLogs(tmp_path / "logs")
     (tmp_path / "logs" / "fn.log").mkdir()  # any write error will do; EISDIR is easy to make
